@@ -1,0 +1,92 @@
+"""SAM model configurations: the official variants and small ones for tests and CPU training."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamConfig:
+  """Everything that fixes the shapes of a SAM model (official ``build_sam`` arguments)."""
+  encoder_embed_dim: int
+  encoder_depth: int
+  encoder_num_heads: int
+  encoder_global_attn_indexes: tuple[int, ...]
+  image_size: int = 1024
+  patch_size: int = 16
+  window_size: int = 14
+  mlp_ratio: float = 4.0
+  prompt_embed_dim: int = 256
+  mask_in_chans: int = 16
+  decoder_depth: int = 2
+  decoder_num_heads: int = 8
+  decoder_mlp_dim: int = 2048
+  num_multimask_outputs: int = 3
+  iou_head_depth: int = 3
+  iou_head_hidden_dim: int = 256
+  dtype: str = 'float32'  # compute dtype; parameters are always float32
+
+  @property
+  def grid_size(self) -> int:
+    """Side of the image embedding in tokens (64 for 1024 / 16)."""
+    return self.image_size // self.patch_size
+
+  @property
+  def low_res_size(self) -> int:
+    """Side of the decoder's low-resolution mask logits (and of a mask prompt): 4 x grid."""
+    return 4 * self.grid_size
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def block_groups(self) -> tuple[int, int]:
+    """(groups, blocks per group): each group is windowed blocks followed by one global block."""
+    idx = tuple(self.encoder_global_attn_indexes)
+    n = len(idx)
+    per = self.encoder_depth // max(n, 1)
+    if n == 0 or per * n != self.encoder_depth or idx != tuple(per * (g + 1) - 1 for g in range(n)):
+      raise ValueError(
+          f'global_attn_indexes {idx} must be evenly spaced and end every group of the '
+          f'{self.encoder_depth} blocks (as in all official variants), e.g. (2, 5, 8, 11)')
+    return n, per
+
+  def replace(self, **kw: Any) -> 'SamConfig':
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d['encoder_global_attn_indexes'] = list(self.encoder_global_attn_indexes)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> 'SamConfig':
+    d = dict(d)
+    d['encoder_global_attn_indexes'] = tuple(d['encoder_global_attn_indexes'])
+    return cls(**d)
+
+
+VARIANTS: dict[str, SamConfig] = {
+    'vit_h': SamConfig(1280, 32, 16, (7, 15, 23, 31)),
+    'vit_l': SamConfig(1024, 24, 16, (5, 11, 17, 23)),
+    'vit_b': SamConfig(768, 12, 12, (2, 5, 8, 11)),
+    # Small, for tests, the CPU demo and CPU training: 256 px input, 16x16 tokens, window 7 (so the
+    # windowed blocks pad 16 -> 21 like the official 64 -> 70), a narrower decoder.
+    'vit_tiny': SamConfig(96, 4, 3, (1, 3), image_size=256, window_size=7, prompt_embed_dim=64,
+                          decoder_mlp_dim=256, iou_head_hidden_dim=64),
+}
+VARIANTS['default'] = VARIANTS['vit_h']
+
+
+def variant_name(cfg: SamConfig) -> str | None:
+  """The registry name of a configuration (ignoring dtype), or None."""
+  for name, v in VARIANTS.items():
+    if name != 'default' and v == cfg.replace(dtype=v.dtype):
+      return name
+  return None

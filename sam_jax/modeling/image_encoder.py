@@ -1,0 +1,130 @@
+"""SAM's ViTDet-style image encoder: windowed + global attention with decomposed relative positions.
+
+Mirrors the official ``segment_anything.modeling.image_encoder`` (names included), in NHWC. The blocks
+are stored stacked, as ``groups`` x (``per_group - 1`` windowed blocks, then 1 global block), and run
+with two nested ``lax.scan``s, so compile time does not grow with depth. The official checkpoint's
+``blocks.{i}`` are block ``per_group * g + j`` (see ``checkpoints.official``).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from einops import rearrange
+from flax import nnx
+
+from sam_jax.modeling.config import SamConfig
+from sam_jax.modeling.layers import (Conv2d, LayerNorm, Linear, MLPBlock, param, run_sequential,
+                                     stacked, zeros)
+
+
+def relative_index(size: int) -> jax.Array:
+  """(size, size) indices into a (2 * size - 1, head_dim) table: q - k + size - 1."""
+  coords = jnp.arange(size)
+  return coords[:, None] - coords[None, :] + size - 1
+
+
+class Attention(nnx.Module):
+  """Multi-head attention over an (H, W) grid with decomposed relative position (official names)."""
+
+  def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], *, dtype, rngs):
+    self.num_heads = num_heads
+    head_dim = dim // num_heads
+    self.scale = head_dim**-0.5
+    self.qkv = Linear(dim, 3 * dim, axes=('embed', 'qkv'), dtype=dtype, rngs=rngs)
+    self.proj = Linear(dim, dim, axes=('qkv', 'embed'), dtype=dtype, rngs=rngs)
+    self.rel_pos_h = param(None, zeros, (2 * input_size[0] - 1, head_dim), (None, 'head_dim'))
+    self.rel_pos_w = param(None, zeros, (2 * input_size[1] - 1, head_dim), (None, 'head_dim'))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    n = self.num_heads
+    qkv = self.qkv(x).reshape(b, h, w, 3, n, c // n)  # (B, H, W, 3, heads, head_dim)
+    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+    attn = jnp.einsum('byxnd,bijnd->bnyxij', q * self.scale, k)  # (B, heads, H, W, H, W)
+    rh = self.rel_pos_h[...].astype(self.dtype)[relative_index(h)]  # (H, H, head_dim)
+    rw = self.rel_pos_w[...].astype(self.dtype)[relative_index(w)]  # (W, W, head_dim)
+    rel_h = jnp.einsum('byxnd,yid->bnyxi', q, rh)  # (B, heads, H, W, H)
+    rel_w = jnp.einsum('byxnd,xjd->bnyxj', q, rw)  # (B, heads, H, W, W)
+    attn = attn + rel_h[..., :, None] + rel_w[..., None, :]
+    attn = attn.reshape(b, n, h, w, h * w).astype(jnp.float32)
+    attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype).reshape(b, n, h, w, h, w)
+    out = jnp.einsum('bnyxij,bijnd->byxnd', attn, v).reshape(b, h, w, c)
+    return self.proj(out)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block; window_size > 0 attends within zero-padded windows."""
+
+  def __init__(self, cfg: SamConfig, *, window_size: int, rngs: nnx.Rngs):
+    dim, dtype = cfg.encoder_embed_dim, cfg.compute_dtype
+    input_size = (window_size,) * 2 if window_size else (cfg.grid_size,) * 2
+    self.norm1 = LayerNorm(dim, eps=1e-6, dtype=dtype)
+    self.attn = Attention(dim, cfg.encoder_num_heads, input_size, dtype=dtype, rngs=rngs)
+    self.norm2 = LayerNorm(dim, eps=1e-6, dtype=dtype)
+    self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio), act='gelu', dtype=dtype, rngs=rngs)
+    self.window_size = window_size
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shortcut = x
+    x = self.norm1(x)
+    ws = self.window_size
+    if ws:
+      b, h, w, _ = x.shape
+      ph, pw = -h % ws, -w % ws
+      x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+      x = rearrange(x, 'b (nh wh) (nw ww) c -> (b nh nw) wh ww c', wh=ws, ww=ws)
+    x = self.attn(x)
+    if ws:
+      x = rearrange(x, '(b nh nw) wh ww c -> b (nh wh) (nw ww) c', b=b, nh=(h + ph) // ws)
+      x = x[:, :h, :w]
+    x = shortcut + x
+    return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nnx.Module):
+
+  def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs):
+    p = cfg.patch_size
+    self.proj = Conv2d(3, cfg.encoder_embed_dim, p, stride=p, dtype=cfg.compute_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.proj(x)  # (B, H/16, W/16, C)
+
+
+class ImageEncoderViT(nnx.Module):
+  """(B, S, S, 3) normalised, padded images -> (B, S/16, S/16, prompt_embed_dim) embeddings."""
+
+  def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs):
+    groups, per_group = cfg.block_groups
+    dim, out, dtype = cfg.encoder_embed_dim, cfg.prompt_embed_dim, cfg.compute_dtype
+    self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+    self.pos_embed = param(None, zeros, (1, cfg.grid_size, cfg.grid_size, dim),
+                           (None, None, None, 'embed'))
+    self.window_blocks = stacked(lambda r: Block(cfg, window_size=cfg.window_size, rngs=r),
+                                 (groups, per_group - 1), rngs, ('layers', 'sublayers'))
+    self.global_blocks = stacked(lambda r: Block(cfg, window_size=0, rngs=r), (groups,), rngs)
+    self.neck = nnx.List([
+        Conv2d(dim, out, 1, bias=False, axes=(None, None, 'embed', None), dtype=dtype, rngs=rngs),
+        LayerNorm(out, eps=1e-6, axis_name=None, dtype=dtype),
+        Conv2d(out, out, 3, padding=1, bias=False, axes=(None, None, None, None), dtype=dtype,
+               rngs=rngs),
+        LayerNorm(out, eps=1e-6, axis_name=None, dtype=dtype),
+    ])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = self.patch_embed(x)
+    x = x + self.pos_embed[...].astype(x.dtype)
+    window_def, window_params = nnx.split(self.window_blocks)
+    global_def, global_params = nnx.split(self.global_blocks)
+
+    def window_step(x, params):
+      return nnx.merge(window_def, params)(x), None
+
+    def group_step(x, params):
+      window_group, global_block = params
+      x, _ = jax.lax.scan(window_step, x, window_group)
+      return nnx.merge(global_def, global_block)(x), None
+
+    x, _ = jax.lax.scan(group_step, x, (window_params, global_params))
+    return run_sequential(self.neck, x)

@@ -1,0 +1,77 @@
+"""SAM's mask decoder (official ``segment_anything.modeling.mask_decoder``), NHWC."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sam_jax.modeling.config import SamConfig
+from sam_jax.modeling.layers import (Activation, ConvTranspose2x2, Embedding, LayerNorm, Linear,
+                                     run_sequential)
+from sam_jax.modeling.transformer import TwoWayTransformer
+
+
+class MLP(nnx.Module):
+  """num_layers Linear layers with ReLU between them (official ``mask_decoder.MLP``)."""
+
+  def __init__(self, din: int, hidden: int, dout: int, num_layers: int, *, dtype, rngs):
+    dims = [din] + [hidden] * (num_layers - 1) + [dout]
+    self.layers = nnx.List([
+        Linear(a, b, axes=(None, None), dtype=dtype, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])
+    ])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      if i < len(self.layers) - 1:
+        x = jax.nn.relu(x)
+    return x
+
+
+class MaskDecoder(nnx.Module):
+
+  def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs):
+    dim, dtype = cfg.prompt_embed_dim, cfg.compute_dtype
+    self.num_mask_tokens = cfg.num_multimask_outputs + 1
+    self.transformer = TwoWayTransformer(cfg.decoder_depth, dim, cfg.decoder_num_heads,
+                                         cfg.decoder_mlp_dim, dtype=dtype, rngs=rngs)
+    self.iou_token = Embedding(1, dim, rngs=rngs)
+    self.mask_tokens = Embedding(self.num_mask_tokens, dim, rngs=rngs)
+    self.output_upscaling = nnx.List([
+        ConvTranspose2x2(dim, dim // 4, dtype=dtype, rngs=rngs),
+        LayerNorm(dim // 4, eps=1e-6, axis_name=None, dtype=dtype),
+        Activation('gelu'),
+        ConvTranspose2x2(dim // 4, dim // 8, dtype=dtype, rngs=rngs),
+        Activation('gelu'),
+    ])
+    self.output_hypernetworks_mlps = nnx.List([
+        MLP(dim, dim, dim // 8, 3, dtype=dtype, rngs=rngs) for _ in range(self.num_mask_tokens)
+    ])
+    self.iou_prediction_head = MLP(dim, cfg.iou_head_hidden_dim, self.num_mask_tokens,
+                                   cfg.iou_head_depth, dtype=dtype, rngs=rngs)
+
+  def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
+               token_mask=None) -> tuple[jax.Array, jax.Array]:
+    """Predicts all 4 masks (callers slice 1: for multimask output, 0:1 otherwise).
+
+    image_embeddings (1 or B, g, g, C), image_pe (1, g, g, C), sparse (B, N, C), dense (B, g, g, C),
+    token_mask (B, N) bool or None. Returns mask logits (B, 4, 4g, 4g) and IoU predictions (B, 4).
+    """
+    b = sparse_prompt_embeddings.shape[0]
+    output_tokens = jnp.concatenate([self.iou_token.weight[...], self.mask_tokens.weight[...]])
+    output_tokens = jnp.broadcast_to(output_tokens, (b,) + output_tokens.shape)
+    tokens = jnp.concatenate([output_tokens, sparse_prompt_embeddings.astype(jnp.float32)], axis=1)
+    if token_mask is not None:
+      token_mask = jnp.concatenate([jnp.ones((b, output_tokens.shape[1]), bool), token_mask], 1)
+    src = image_embeddings + dense_prompt_embeddings  # (B, g, g, C)
+    g = src.shape[1]
+    hs, src = self.transformer(src, image_pe, tokens, token_mask)
+    iou_token_out = hs[:, 0]
+    mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
+    upscaled = run_sequential(self.output_upscaling, src.reshape(b, g, g, -1))  # (B, 4g, 4g, C/8)
+    hyper_in = jnp.stack(
+        [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+        axis=1)  # (B, 4, C/8)
+    masks = jnp.einsum('bmc,bhwc->bmhw', hyper_in, upscaled.astype(hyper_in.dtype))
+    iou_pred = self.iou_prediction_head(iou_token_out)
+    return masks.astype(jnp.float32), iou_pred.astype(jnp.float32)

@@ -1,0 +1,105 @@
+"""SAM's two-way transformer (official ``segment_anything.modeling.transformer``).
+
+Tokens may carry a validity mask: invalid tokens (prompt padding) are removed from attention as keys,
+which makes them exactly inert.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sam_jax.modeling.layers import LayerNorm, Linear, MLPBlock
+
+
+class Attention(nnx.Module):
+  """Attention with q/k/v projections to ``dim // downsample_rate`` (official names)."""
+
+  def __init__(self, dim: int, num_heads: int, downsample_rate: int = 1, *, dtype, rngs):
+    internal = dim // downsample_rate
+    assert internal % num_heads == 0, 'num_heads must divide embedding_dim // downsample_rate'
+    self.num_heads = num_heads
+    self.q_proj = Linear(dim, internal, axes=('embed', 'qkv'), dtype=dtype, rngs=rngs)
+    self.k_proj = Linear(dim, internal, axes=('embed', 'qkv'), dtype=dtype, rngs=rngs)
+    self.v_proj = Linear(dim, internal, axes=('embed', 'qkv'), dtype=dtype, rngs=rngs)
+    self.out_proj = Linear(internal, dim, axes=('qkv', 'embed'), dtype=dtype, rngs=rngs)
+    self.dtype = dtype
+
+  def __call__(self, q, k, v, key_mask: jax.Array | None = None) -> jax.Array:
+    """q (B, Nq, C), k / v (B, Nk, C), key_mask (B, Nk) bool or None -> (B, Nq, C)."""
+    n = self.num_heads
+    q = self.q_proj(q)
+    q = q.reshape(*q.shape[:2], n, -1)  # (B, Nq, heads, d)
+    k = self.k_proj(k)
+    k = k.reshape(*k.shape[:2], n, -1)
+    v = self.v_proj(v)
+    v = v.reshape(*v.shape[:2], n, -1)
+    logits = jnp.einsum('bqnd,bknd->bnqk', q, k) / jnp.sqrt(jnp.float32(q.shape[-1])).astype(q.dtype)
+    logits = logits.astype(jnp.float32)
+    if key_mask is not None:
+      logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
+    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum('bnqk,bknd->bqnd', attn, v)
+    return self.out_proj(out.reshape(*out.shape[:2], -1))
+
+
+class TwoWayAttentionBlock(nnx.Module):
+
+  def __init__(self, dim: int, num_heads: int, mlp_dim: int, downsample_rate: int,
+               skip_first_layer_pe: bool, *, dtype, rngs):
+    self.self_attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.norm1 = LayerNorm(dim, eps=1e-5, dtype=dtype)
+    self.cross_attn_token_to_image = Attention(dim, num_heads, downsample_rate, dtype=dtype,
+                                               rngs=rngs)
+    self.norm2 = LayerNorm(dim, eps=1e-5, dtype=dtype)
+    self.mlp = MLPBlock(dim, mlp_dim, act='relu', dtype=dtype, rngs=rngs)
+    self.norm3 = LayerNorm(dim, eps=1e-5, dtype=dtype)
+    self.norm4 = LayerNorm(dim, eps=1e-5, dtype=dtype)
+    self.cross_attn_image_to_token = Attention(dim, num_heads, downsample_rate, dtype=dtype,
+                                               rngs=rngs)
+    self.skip_first_layer_pe = skip_first_layer_pe
+
+  def __call__(self, queries, keys, query_pe, key_pe, token_mask):
+    if self.skip_first_layer_pe:
+      queries = self.self_attn(queries, queries, queries, token_mask)
+    else:
+      q = queries + query_pe
+      queries = queries + self.self_attn(q, q, queries, token_mask)
+    queries = self.norm1(queries)
+    q = queries + query_pe
+    k = keys + key_pe
+    queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
+    queries = self.norm3(queries + self.mlp(queries))
+    q = queries + query_pe
+    k = keys + key_pe
+    keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries, token_mask))
+    return queries, keys
+
+
+class TwoWayTransformer(nnx.Module):
+
+  def __init__(self, depth: int, dim: int, num_heads: int, mlp_dim: int,
+               attention_downsample_rate: int = 2, *, dtype, rngs):
+    self.layers = nnx.List([
+        TwoWayAttentionBlock(dim, num_heads, mlp_dim, attention_downsample_rate, i == 0,
+                             dtype=dtype, rngs=rngs) for i in range(depth)
+    ])
+    self.final_attn_token_to_image = Attention(dim, num_heads, attention_downsample_rate,
+                                               dtype=dtype, rngs=rngs)
+    self.norm_final_attn = LayerNorm(dim, eps=1e-5, dtype=dtype)
+
+  def __call__(self, image_embedding, image_pe, point_embedding, token_mask=None):
+    """image_embedding / image_pe (B, H, W, C), point_embedding (B, N, C), token_mask (B, N).
+
+    Returns the processed tokens (B, N, C) and image keys (B, H * W, C).
+    """
+    b, h, w, c = image_embedding.shape
+    keys = image_embedding.reshape(b, h * w, c)
+    key_pe = jnp.broadcast_to(image_pe, image_embedding.shape).reshape(b, h * w, c)
+    queries = point_embedding
+    for layer in self.layers:
+      queries, keys = layer(queries, keys, point_embedding, key_pe, token_mask)
+    q = queries + point_embedding
+    k = keys + key_pe
+    queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
+    return queries, keys
