@@ -1,0 +1,225 @@
+"""``SamPredictor``: the official interactive-prediction API, backed by jitted JAX functions.
+
+The image encoder is compiled once per model; the decoder once per (prompt batch, prompt-length
+bucket): prompts are padded to the next power of two with inert PAD slots (see
+``modeling.prompt_encoder``), which gives exactly the unpadded result.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sam_jax.modeling.prompt_encoder import NOT_A_POINT_LABEL, PAD_LABEL
+from sam_jax.modeling.sam import Sam, postprocess_masks, postprocess_matrices, select_masks
+from sam_jax.utils.transforms import ResizeLongestSide, normalize_and_pad
+
+BOX_LABELS = (2, 3)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def encode_images(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
+  """(B, S, S, 3) normalised, padded -> (B, g, g, C)."""
+  return nnx.merge(graphdef, state).embed_images(images)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def decode(graphdef, state, image_embeddings, coords, labels, mask_input, has_mask,
+           multimask_output: bool):
+  """Low-res logits (B, C, L, L) and IoU predictions (B, C) of the selected mask tokens."""
+  low_res, iou = nnx.merge(graphdef, state).decode(image_embeddings, coords, labels, mask_input,
+                                                    has_mask)
+  return select_masks(low_res, iou, multimask_output)
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def upscale(low_res, rows, cols, return_logits: bool):
+  masks = postprocess_masks(low_res, rows, cols)
+  return masks if return_logits else masks > Sam.mask_threshold
+
+
+def bucket(n: int) -> int:
+  """Prompt lengths are padded to a power of two (at least 2), so shapes repeat."""
+  return max(2, 1 << max(n - 1, 0).bit_length())
+
+
+def assemble_prompts(coords: np.ndarray | None, labels: np.ndarray | None,
+                     boxes: np.ndarray | None, batch: int) -> tuple[np.ndarray, np.ndarray]:
+  """Official sparse-prompt order as one padded (B, T, 2) / (B, T) pair.
+
+  Points, then the official "not a point" padding point when there is no box, then the two box
+  corners (labels 2, 3), then PAD slots up to the bucket length.
+  """
+  parts_c, parts_l = [], []
+  if coords is not None:
+    parts_c.append(np.asarray(coords, np.float32))
+    parts_l.append(np.asarray(labels, np.int32))
+    if boxes is None:
+      parts_c.append(np.zeros((batch, 1, 2), np.float32))
+      parts_l.append(np.full((batch, 1), NOT_A_POINT_LABEL, np.int32))
+  if boxes is not None:
+    parts_c.append(np.asarray(boxes, np.float32).reshape(batch, 2, 2))
+    parts_l.append(np.broadcast_to(np.array(BOX_LABELS, np.int32), (batch, 2)))
+  n = sum(c.shape[1] for c in parts_c)
+  pad = bucket(n) - n
+  parts_c.append(np.zeros((batch, pad, 2), np.float32))
+  parts_l.append(np.full((batch, pad), PAD_LABEL, np.int32))
+  return np.concatenate(parts_c, 1), np.concatenate(parts_l, 1)
+
+
+def check_image(image: Any) -> np.ndarray:
+  """A clear ValueError for anything but an HxWx3 uint8 numpy image."""
+  if not isinstance(image, np.ndarray):
+    raise ValueError(f'image must be a numpy array (H, W, 3) of uint8, got {type(image).__name__}')
+  if image.ndim == 2:
+    raise ValueError(f'image has shape {image.shape}: grayscale; SAM needs RGB (H, W, 3), e.g. '
+                     'np.stack([image] * 3, axis=-1)')
+  if image.ndim != 3:
+    raise ValueError(f'image must have 3 dimensions (H, W, 3), got shape {image.shape}')
+  if image.shape[2] == 4:
+    raise ValueError(f'image has shape {image.shape}: RGBA; drop the alpha channel with '
+                     'image[..., :3] (or composite it onto a background) first')
+  if image.shape[2] != 3:
+    raise ValueError(f'image must have 3 channels (H, W, 3), got shape {image.shape}')
+  if image.dtype != np.uint8:
+    raise ValueError(f'image must be uint8 in [0, 255], got dtype {image.dtype}; convert e.g. '
+                     'with (np.clip(image, 0, 1) * 255).astype(np.uint8)')
+  if image.shape[0] < 1 or image.shape[1] < 1:
+    raise ValueError(f'image is empty: shape {image.shape}')
+  return image
+
+
+class SamPredictor:
+  """Computes an image embedding once, then masks for any number of prompts on that image."""
+
+  def __init__(self, sam_model: Sam):
+    self.model = sam_model
+    self.transform = ResizeLongestSide(sam_model.image_size)
+    self._graphdef, self._state = nnx.split(sam_model)
+    self.reset_image()
+
+  def set_image(self, image: np.ndarray, image_format: str = 'RGB') -> None:
+    """Encodes an HxWx3 uint8 image (``image_format`` "RGB" or "BGR")."""
+    if image_format not in ('RGB', 'BGR'):
+      raise ValueError(f'image_format must be "RGB" or "BGR", got {image_format!r}')
+    image = check_image(image)
+    if image_format != self.model.image_format:
+      image = image[..., ::-1]
+    input_image = self.transform.apply_image(np.ascontiguousarray(image))
+    self.set_jax_image(input_image[None], image.shape[:2])
+
+  def set_jax_image(self, transformed_image: np.ndarray | jax.Array,
+                    original_image_size: tuple[int, ...]) -> None:
+    """Like the official ``set_torch_image``: (1, h, w, 3) already resized to longest side S."""
+    s = self.model.image_size
+    if transformed_image.ndim != 4 or transformed_image.shape[0] != 1 or \
+        transformed_image.shape[3] != 3 or max(transformed_image.shape[1:3]) != s:
+      raise ValueError(f'transformed_image must be (1, h, w, 3) with longest side {s}, got shape '
+                       f'{transformed_image.shape}')
+    self.reset_image()
+    self.original_size = tuple(int(v) for v in original_image_size[:2])
+    self.input_size = tuple(int(v) for v in transformed_image.shape[1:3])
+    x = normalize_and_pad(np.asarray(transformed_image[0]), s)[None]
+    self.features = encode_images(self._graphdef, self._state, x)
+    self.is_image_set = True
+
+  def predict(self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
+              box: np.ndarray | None = None, mask_input: np.ndarray | None = None,
+              multimask_output: bool = True, return_logits: bool = False):
+    """Masks (C, H, W), IoU predictions (C,), low-res logits (C, L, L) as numpy, like the official.
+
+    point_coords (N, 2) (x, y) pixels of the original image with point_labels (N,) (1 foreground,
+    0 background); box (4,) XYXY; mask_input (1, L, L) logits from an earlier call.
+    """
+    self._check_image_set()
+    h, w = self.original_size
+    coords = labels = boxes = masks = None
+    if point_coords is not None or point_labels is not None:
+      if point_coords is None or point_labels is None:
+        raise ValueError('point_labels must be supplied with point_coords (and vice versa)')
+      point_coords = np.asarray(point_coords, np.float64)
+      point_labels = np.asarray(point_labels)
+      if point_coords.ndim != 2 or point_coords.shape[1] != 2:
+        raise ValueError(f'point_coords must be (N, 2) (x, y), got shape {point_coords.shape}')
+      if point_labels.shape != (point_coords.shape[0],):
+        raise ValueError(f'point_labels must be ({point_coords.shape[0]},) to match point_coords '
+                         f'{point_coords.shape}, got shape {point_labels.shape}')
+      if not np.isin(point_labels, (0, 1, NOT_A_POINT_LABEL)).all():
+        raise ValueError(f'point_labels must be 1 (foreground), 0 (background) or -1 (ignored), '
+                         f'got {np.unique(point_labels).tolist()}')
+      self._check_inside(point_coords, 'point_coords')
+      coords = self.transform.apply_coords(point_coords, self.original_size)[None]
+      labels = point_labels.astype(np.int32)[None]
+    if box is not None:
+      box = np.asarray(box, np.float64)
+      if box.size != 4 or box.ndim > 2:
+        raise ValueError(f'box must be 4 numbers (x0, y0, x1, y1), got shape {box.shape}')
+      box = box.reshape(4)
+      self._check_inside(box.reshape(2, 2), 'box')
+      if box[2] < box[0] or box[3] < box[1]:
+        raise ValueError(f'box must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1, got {box}')
+      boxes = self.transform.apply_boxes(box, self.original_size)
+    if mask_input is not None:
+      size = self.model.config.low_res_size
+      masks = np.asarray(mask_input, np.float32)
+      if masks.shape != (1, size, size):
+        raise ValueError(f'mask_input must be (1, {size}, {size}) low-res logits (as returned by '
+                         f'predict), got shape {masks.shape}')
+    out = self.predict_jax(coords, labels, boxes, masks, multimask_output, return_logits)
+    return tuple(np.asarray(a[0]) for a in out)
+
+  def predict_jax(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
+                  multimask_output: bool = True, return_logits: bool = False):
+    """Batched prompts in the model's input frame (the official ``predict_torch``).
+
+    point_coords (B, N, 2), point_labels (B, N), boxes (B, 4), mask_input (B, 1, L, L) or (B, L, L).
+    Returns jax arrays: masks (B, C, H, W), IoU predictions (B, C), low-res logits (B, C, L, L).
+    """
+    self._check_image_set()
+    batch = next((len(a) for a in (point_coords, boxes, mask_input) if a is not None), 1)
+    if point_coords is not None:
+      if point_labels is None or np.shape(point_labels) != np.shape(point_coords)[:2]:
+        raise ValueError(f'point_labels must be (B, N) matching point_coords (B, N, 2) '
+                         f'{np.shape(point_coords)}, got {np.shape(point_labels)}')
+    for name, a in (('point_coords', point_coords), ('boxes', boxes), ('mask_input', mask_input)):
+      if a is not None and len(a) != batch:
+        raise ValueError(f'{name} has batch {len(a)}, other prompts have batch {batch}')
+    coords, labels = assemble_prompts(point_coords, point_labels, boxes, batch)
+    size = self.model.config.low_res_size
+    has_mask = np.full((batch,), mask_input is not None)
+    masks_in = (jnp.zeros((batch, size, size), jnp.float32) if mask_input is None else
+                jnp.asarray(mask_input, jnp.float32).reshape(batch, size, size))
+    low_res, iou = decode(self._graphdef, self._state, self.features, coords, labels, masks_in,
+                          has_mask, bool(multimask_output))
+    rows, cols = postprocess_matrices(size, self.model.image_size, self.input_size,
+                                      self.original_size)
+    masks = upscale(low_res, rows, cols, bool(return_logits))
+    return masks, iou, low_res
+
+  def get_image_embedding(self) -> jax.Array:
+    """The image embedding (1, C, g, g), in the official channel-first layout."""
+    self._check_image_set()
+    return jnp.transpose(self.features, (0, 3, 1, 2))
+
+  def reset_image(self) -> None:
+    self.is_image_set = False
+    self.features = None
+    self.original_size = None
+    self.input_size = None
+
+  def _check_image_set(self) -> None:
+    if not self.is_image_set:
+      raise ValueError('An image must be set with .set_image(...) before mask prediction.')
+
+  def _check_inside(self, xy: np.ndarray, name: str) -> None:
+    h, w = self.original_size
+    if not np.isfinite(xy).all():
+      raise ValueError(f'{name} must be finite, got {xy.tolist()}')
+    outside = (xy[:, 0] < 0) | (xy[:, 0] > w) | (xy[:, 1] < 0) | (xy[:, 1] > h)
+    if outside.any():
+      raise ValueError(f'{name} {xy[outside].tolist()} lie outside the {w}x{h} (width x height) '
+                       'image; coordinates are (x, y) pixels of the original image')
