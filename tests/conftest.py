@@ -1,4 +1,4 @@
-"""Test setup: the torchvision stand-in for segment-anything, shared fixtures."""
+"""Test setup: the torchvision stand-in for segment-anything, and a parity report printed at the end."""
 import os
 import sys
 
@@ -8,3 +8,12 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torchvision_shim  # noqa: E402
 
 torchvision_shim.install()
+
+PARITY_REPORT: list[str] = []  # lines added by parity tests, printed in the terminal summary
+
+
+def pytest_terminal_summary(terminalreporter):
+  if PARITY_REPORT:
+    terminalreporter.section('parity against segment-anything 1.0 / transformers (measured)')
+    for line in PARITY_REPORT:
+      terminalreporter.write_line(line)

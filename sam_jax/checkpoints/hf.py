@@ -1,8 +1,9 @@
-"""Hugging Face ``transformers`` SAM checkpoints -> the official PyTorch state-dict format, without torch.
+"""Hugging Face ``transformers`` SAM checkpoints -> the official state-dict format, without torch.
 
 ``SamModel.save_pretrained`` writes ``model.safetensors`` (or shards listed in
-``model.safetensors.index.json``). We read it with ``safetensors.numpy`` and rename every tensor to the
-key the official ``segment_anything`` model uses, so ``official.check_and_convert`` can take it from there.
+``model.safetensors.index.json``). We read it with ``safetensors.numpy`` and rename every tensor to
+the key the official ``segment_anything`` model uses, so ``official.check_and_convert`` can take it
+from there.
 
 The map is a pure renaming: HF stores every tensor with the official shape and layout. In particular
 the random-Fourier positional matrix ``shared_image_embedding.positional_embedding`` (2, C/2) is the
@@ -16,15 +17,17 @@ compute ``(2 * coords - 1) @ M``). The notable renames are
 * the MLP heads: ``proj_in`` -> ``layers.0``, ``layers.{k}`` -> ``layers.{k+1}``, ``proj_out`` ->
   ``layers.{depth-1}``;
 * ``layer_norm{k}`` -> ``norm{k}``, ``layers.{i}`` -> ``blocks.{i}`` (image encoder),
-  ``point_embed.{i}`` -> ``point_embeddings.{i}``, ``patch_embed.projection`` -> ``patch_embed.proj``.
+  ``point_embed.{i}`` -> ``point_embeddings.{i}``,
+  ``patch_embed.projection`` -> ``patch_embed.proj``.
 
 HF ties ``prompt_encoder.shared_embedding.positional_embedding`` to
 ``shared_image_embedding.positional_embedding``; ``save_pretrained`` writes only the latter, older
 uploads both. The copy is dropped (the official model holds one matrix for both uses).
 
 One behavioural difference is not in the weights: HF's two-way transformer blocks use
-``mask_decoder_config.layer_norm_eps`` (1e-6) for ``layer_norm1..4`` where the official ``norm1..4`` are
-``nn.LayerNorm`` with eps 1e-5; an imported checkpoint runs with the official eps.
+``mask_decoder_config.layer_norm_eps`` (1e-6) for ``layer_norm1..4`` where the official
+``norm1..4`` are ``nn.LayerNorm`` with eps 1e-5; an imported checkpoint runs with the official eps
+(on a random small model that moves masks by ~5e-5 of their scale).
 """
 from __future__ import annotations
 
@@ -47,7 +50,8 @@ OFFICIAL_PE = 'prompt_encoder.pe_layer.positional_encoding_gaussian_matrix'
 # Prefixes only a transformers SAM state dict has (the official one starts every key with
 # image_encoder. / prompt_encoder. / mask_decoder. and never uses these sub-module names).
 _HF_MARKERS = ('vision_encoder.', 'shared_image_embedding.', 'prompt_encoder.shared_embedding.',
-               'prompt_encoder.point_embed.', 'prompt_encoder.mask_embed.', 'mask_decoder.upscale_conv')
+               'prompt_encoder.point_embed.', 'prompt_encoder.mask_embed.',
+               'mask_decoder.upscale_conv')
 
 # safetensors dtype -> numpy dtype, for the files safetensors.numpy cannot read (bfloat16 inside).
 _NP_DTYPES = {'F64': '<f8', 'F32': '<f4', 'F16': '<f2', 'I64': '<i8', 'I32': '<i4', 'I16': '<i2',
@@ -71,7 +75,7 @@ def _read_raw(path: Path) -> dict[str, np.ndarray]:
     elif dtype in _NP_DTYPES:
       value = np.frombuffer(raw, _NP_DTYPES[dtype]).copy()
     else:
-      raise ValueError(f'{path}: tensor {key!r} has dtype {dtype}, which this reader does not decode')
+      raise ValueError(f'{path}: tensor {key!r} has dtype {dtype}, which this reader cannot decode')
     out[key] = value.reshape(info['shape'])
   return out
 
@@ -100,8 +104,8 @@ def _read_index(index: Path) -> dict[str, np.ndarray]:
     out.update(_read_file(shard_path))
   absent = sorted(set(weight_map) - set(out))
   if absent:
-    raise ValueError(f'{index}: {len(absent)} tensors listed in the index are in none of its shards: '
-                     + ', '.join(absent[:10]))
+    raise ValueError(f'{index}: {len(absent)} tensors listed in the index are in none of its '
+                     'shards: ' + ', '.join(absent[:10]))
   return out
 
 
@@ -126,7 +130,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def is_hf_state_dict(tensors: Mapping[str, object]) -> bool:
-  """Whether the keys are transformers' SamModel / SamVisionModel names rather than official ones."""
+  """Whether the keys are transformers' SamModel / SamVisionModel names, not official ones."""
   return any(k.startswith(_HF_MARKERS) for k in tensors)
 
 
@@ -162,7 +166,8 @@ _RULES: tuple[_Rule, ...] = (
           r'image_encoder.blocks.\1.norm\2.\3'),
     _rule(rf'vision_encoder\.layers\.(\d+)\.attn\.(qkv|proj)\.{_WB}',
           r'image_encoder.blocks.\1.attn.\2.\3'),
-    _rule(r'vision_encoder\.layers\.(\d+)\.attn\.(rel_pos_[hw])', r'image_encoder.blocks.\1.attn.\2'),
+    _rule(r'vision_encoder\.layers\.(\d+)\.attn\.(rel_pos_[hw])',
+          r'image_encoder.blocks.\1.attn.\2'),
     _rule(rf'vision_encoder\.layers\.(\d+)\.mlp\.(lin[12])\.{_WB}',
           r'image_encoder.blocks.\1.mlp.\2.\3'),
     _rule(r'vision_encoder\.neck\.conv1\.weight', 'image_encoder.neck.0.weight'),
@@ -171,12 +176,16 @@ _RULES: tuple[_Rule, ...] = (
     _rule(rf'vision_encoder\.neck\.layer_norm2\.{_WB}', r'image_encoder.neck.3.\1'),
     # Prompt encoder.
     _rule(re.escape(SHARED_PE), OFFICIAL_PE),
-    _rule(r'prompt_encoder\.point_embed\.(\d+)\.weight', r'prompt_encoder.point_embeddings.\1.weight'),
-    _rule(r'prompt_encoder\.(not_a_point_embed|no_mask_embed)\.weight', r'prompt_encoder.\1.weight'),
+    _rule(r'prompt_encoder\.point_embed\.(\d+)\.weight',
+          r'prompt_encoder.point_embeddings.\1.weight'),
+    _rule(r'prompt_encoder\.(not_a_point_embed|no_mask_embed)\.weight',
+          r'prompt_encoder.\1.weight'),
     _rule(rf'prompt_encoder\.mask_embed\.conv1\.{_WB}', r'prompt_encoder.mask_downscaling.0.\1'),
-    _rule(rf'prompt_encoder\.mask_embed\.layer_norm1\.{_WB}', r'prompt_encoder.mask_downscaling.1.\1'),
+    _rule(rf'prompt_encoder\.mask_embed\.layer_norm1\.{_WB}',
+          r'prompt_encoder.mask_downscaling.1.\1'),
     _rule(rf'prompt_encoder\.mask_embed\.conv2\.{_WB}', r'prompt_encoder.mask_downscaling.3.\1'),
-    _rule(rf'prompt_encoder\.mask_embed\.layer_norm2\.{_WB}', r'prompt_encoder.mask_downscaling.4.\1'),
+    _rule(rf'prompt_encoder\.mask_embed\.layer_norm2\.{_WB}',
+          r'prompt_encoder.mask_downscaling.4.\1'),
     _rule(rf'prompt_encoder\.mask_embed\.conv3\.{_WB}', r'prompt_encoder.mask_downscaling.6.\1'),
     # Mask decoder.
     _rule(r'mask_decoder\.(iou_token|mask_tokens)\.weight', r'mask_decoder.\1.weight'),
