@@ -122,7 +122,7 @@ def test_image_embeddings_match(saved, official):
 
 # Prompts in the model input frame (0..IMAGE_SIZE), as both HF (after its processor) and the
 # official decoder (after ResizeLongestSide) take them. Both shift by +0.5 and normalise by the
-# input size the same way; with points but no box both append one "not a point" (label -1) at (0, 0),
+# input size the same way; with points but no box both append one "not a point" (label -1) at (0,0),
 # with a box neither does, so every prompt kind here is comparable. HF's extra label -10 (processor
 # padding, zero embedding) has no official counterpart and is not used.
 POINTS = np.array([[60.0, 90.0], [180.0, 40.0]], np.float32)

@@ -21,13 +21,13 @@ compute ``(2 * coords - 1) @ M``). The notable renames are
   ``patch_embed.projection`` -> ``patch_embed.proj``.
 
 HF ties ``prompt_encoder.shared_embedding.positional_embedding`` to
-``shared_image_embedding.positional_embedding``; ``save_pretrained`` writes only the latter, older
-uploads both. The copy is dropped (the official model holds one matrix for both uses).
+``shared_image_embedding.positional_embedding``; ``save_pretrained`` writes only the latter, other
+writers may store both. The copy is dropped (the official model holds one matrix for both uses).
 
 One behavioural difference is not in the weights: HF's two-way transformer blocks use
 ``mask_decoder_config.layer_norm_eps`` (1e-6) for ``layer_norm1..4`` where the official
 ``norm1..4`` are ``nn.LayerNorm`` with eps 1e-5; an imported checkpoint runs with the official eps
-(on a random small model that moves masks by ~5e-5 of their scale).
+(in the test's small random model, masks move by 5e-5..9e-5 of their scale).
 """
 from __future__ import annotations
 
