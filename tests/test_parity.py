@@ -172,3 +172,44 @@ def test_vit_b_predictor_matches_official(vit_b):
     ours, theirs = run_predictors(vit_b, image)
     check_image_embedding(f'vit_b {photo} {image.shape[:2]}', ours, theirs)
     check_all_prompts(f'vit_b {photo}', ours, theirs, image)
+
+
+@pytest.mark.slow
+def test_vit_b_hf_checkpoint_matches_official_and_transformers(tmp_path):
+  """A random vit_b-sized transformers SamModel saved with save_pretrained, loaded by us from its
+  directory (no PyTorch on our side), against the official predictor on the same weights and
+  against transformers' own image embeddings and masks."""
+  from test_hf_checkpoint import _randomise
+  from transformers import SamConfig as HFSamConfig
+  from transformers import SamModel
+
+  from sam_jax.checkpoints import hf
+  # Official decoder LayerNorms use eps 1e-5; HF's config default is 1e-6 (not a weight).
+  model = SamModel(HFSamConfig(mask_decoder_config=dict(layer_norm_eps=1e-5))).eval()
+  _randomise(model)
+  model.save_pretrained(tmp_path)
+  pair = Pair.__new__(Pair)
+  pair.name, pair.cfg = 'vit_b', VARIANTS['vit_b']
+  pair.ours = sam_model_registry['vit_b'](checkpoint=tmp_path)
+  pair.ref = official_sam(pair.cfg)
+  pair.ref.load_state_dict({k: torch.from_numpy(v) for k, v in
+                            hf.hf_to_official(hf.read_safetensors(tmp_path)).items()})
+  image = photos()['landscape']
+  ours, theirs = run_predictors(pair, image)
+  check_image_embedding('vit_b HF checkpoint landscape', ours, theirs)
+  check_all_prompts('vit_b HF checkpoint landscape', ours, theirs, image)
+
+  # Directly against transformers on the same embedding and a two-point prompt (input frame).
+  with torch.no_grad():
+    emb = model.get_image_embeddings(theirs.model.preprocess(theirs.transform.apply_image_torch(
+        torch.from_numpy(image).permute(2, 0, 1)[None].float())))
+    points = torch.tensor([[[[300.0, 400.0], [700.0, 200.0]]]])
+    out = model(image_embeddings=emb, input_points=points, input_labels=torch.tensor([[[1, 0]]]),
+                multimask_output=True)
+  _, iou, low = ours.predict_jax(points[0].numpy(), np.array([[1, 0]]))
+  hf_low, hf_iou = to_numpy(out.pred_masks[0]), to_numpy(out.iou_scores[0])
+  rel = float(np.abs(np.asarray(low) - hf_low).max() / np.abs(hf_low).max())
+  PARITY_REPORT.append(f'{"vit_b HF checkpoint vs transformers SamModel":<52} |dIoU| '
+                       f'{np.abs(np.asarray(iou) - hf_iou).max():.1e}  |dlogit| rel {rel:.1e}')
+  assert rel <= 1e-3
+  np.testing.assert_allclose(np.asarray(iou), hf_iou, atol=1e-4)

@@ -25,7 +25,11 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
         'Without PyTorch, load the Hugging Face safetensors checkpoint instead (facebook/sam-vit-*'
         ' model.safetensors), or convert once where PyTorch is installed: python -m '
         'sam_jax.convert --model-type vit_b --checkpoint IN.pth --output DIR') from e
-  sd = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+    raise CheckpointError(f'could not read {path} as a PyTorch state dict: '
+                          f'{type(e).__name__}: {str(e).splitlines()[0]}') from e
   if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
     raise CheckpointError(f'{path} is not a SAM state dict (a dict of tensors)')
   return {k: v.detach().to(torch.float32).numpy() for k, v in sd.items()}
