@@ -201,8 +201,8 @@ def test_vit_b_hf_checkpoint_matches_official_and_transformers(tmp_path):
 
   # Directly against transformers on the same embedding and a two-point prompt (input frame).
   with torch.no_grad():
-    emb = model.get_image_embeddings(theirs.model.preprocess(theirs.transform.apply_image_torch(
-        torch.from_numpy(image).permute(2, 0, 1)[None].float())))
+    resized = torch.from_numpy(theirs.transform.apply_image(image)).permute(2, 0, 1)[None]
+    emb = model.get_image_embeddings(theirs.model.preprocess(resized.float()))
     points = torch.tensor([[[[300.0, 400.0], [700.0, 200.0]]]])
     out = model(image_embeddings=emb, input_points=points, input_labels=torch.tensor([[[1, 0]]]),
                 multimask_output=True)

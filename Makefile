@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine (Python 3.11, no accelerator needed):
+#   make demo   set up .venv and run the main job (segment sample photos, write overlay PNGs)
+#   make test   set up .venv and run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: setup
+	$(PY) -m sam_jax.demo --out $(OUT)/demo
+
+test: setup
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/encoder_cpu.py
+
+clean:
+	rm -rf $(OUT) .pytest_cache
