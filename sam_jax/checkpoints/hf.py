@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
+import safetensors
 import safetensors.numpy
 
 WEIGHTS_NAME = 'model.safetensors'
@@ -53,31 +54,10 @@ _HF_MARKERS = ('vision_encoder.', 'shared_image_embedding.', 'prompt_encoder.sha
                'prompt_encoder.point_embed.', 'prompt_encoder.mask_embed.',
                'mask_decoder.upscale_conv')
 
-# safetensors dtype -> numpy dtype, for the files safetensors.numpy cannot read (bfloat16 inside).
-_NP_DTYPES = {'F64': '<f8', 'F32': '<f4', 'F16': '<f2', 'I64': '<i8', 'I32': '<i4', 'I16': '<i2',
-              'I8': 'i1', 'U8': 'u1', 'BOOL': '?'}
-
-
-def _read_raw(path: Path) -> dict[str, np.ndarray]:
-  """Decodes a safetensors file by hand (8-byte header length, JSON header, data); handles BF16."""
-  with open(path, 'rb') as f:
-    n = int.from_bytes(f.read(8), 'little')
-    header = json.loads(f.read(n))
-    data = f.read()
-  out = {}
-  for key, info in header.items():
-    if key == '__metadata__':
-      continue
-    start, end = info['data_offsets']
-    raw, dtype = data[start:end], info['dtype']
-    if dtype == 'BF16':  # bfloat16 is the top half of a float32: exact.
-      value = (np.frombuffer(raw, '<u2').astype(np.uint32) << 16).view(np.float32)
-    elif dtype in _NP_DTYPES:
-      value = np.frombuffer(raw, _NP_DTYPES[dtype]).copy()
-    else:
-      raise ValueError(f'{path}: tensor {key!r} has dtype {dtype}, which this reader cannot decode')
-    out[key] = value.reshape(info['shape'])
-  return out
+def _read_bfloat16(path: Path) -> dict[str, np.ndarray]:
+  """A file with bfloat16 tensors, which numpy lacks: read as jax arrays, widened exactly."""
+  with safetensors.safe_open(str(path), framework='flax') as f:
+    return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
 
 
 def _read_file(path: Path) -> dict[str, np.ndarray]:
@@ -85,7 +65,7 @@ def _read_file(path: Path) -> dict[str, np.ndarray]:
   try:
     return safetensors.numpy.load_file(str(path))
   except TypeError:  # numpy has no bfloat16: "data type 'bfloat16' not understood".
-    return _read_raw(path)
+    return _read_bfloat16(path)
   except Exception as e:  # safetensors' own error type for a bad header or a truncated file.
     raise ValueError(f'{path}: not a readable safetensors file ({e})') from e
 

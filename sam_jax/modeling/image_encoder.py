@@ -23,6 +23,18 @@ def relative_index(size: int) -> jax.Array:
   return coords[:, None] - coords[None, :] + size - 1
 
 
+# Global attention over 64x64 tokens has (heads, 4096, 4096) logits: 0.8 GB per image for vit_b.
+# Queries are processed a few token rows at a time so the logits stay under this many elements,
+# which is faster on CPU (cache) and keeps peak memory low; windowed blocks fit in one chunk.
+ATTENTION_CHUNK_ELEMENTS = 32 * 2**20
+
+
+def query_rows_per_chunk(b: int, n: int, h: int, w: int) -> int:
+  """The largest divisor of h whose (b, n, rows * w, h * w) logits fit ATTENTION_CHUNK_ELEMENTS."""
+  fit = max(1, ATTENTION_CHUNK_ELEMENTS // (b * n * w * h * w))
+  return max(r for r in range(1, h + 1) if h % r == 0 and r <= fit)
+
+
 class Attention(nnx.Module):
   """Multi-head attention over an (H, W) grid with decomposed relative position (official names)."""
 
@@ -41,16 +53,29 @@ class Attention(nnx.Module):
     n = self.num_heads
     qkv = self.qkv(x).reshape(b, h, w, 3, n, c // n)  # (B, H, W, 3, heads, head_dim)
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-    attn = jnp.einsum('byxnd,bijnd->bnyxij', q * self.scale, k)  # (B, heads, H, W, H, W)
     rh = self.rel_pos_h[...].astype(self.dtype)[relative_index(h)]  # (H, H, head_dim)
     rw = self.rel_pos_w[...].astype(self.dtype)[relative_index(w)]  # (W, W, head_dim)
-    rel_h = jnp.einsum('byxnd,yid->bnyxi', q, rh)  # (B, heads, H, W, H)
-    rel_w = jnp.einsum('byxnd,xjd->bnyxj', q, rw)  # (B, heads, H, W, W)
-    attn = attn + rel_h[..., :, None] + rel_w[..., None, :]
-    attn = attn.reshape(b, n, h, w, h * w).astype(jnp.float32)
-    attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype).reshape(b, n, h, w, h, w)
-    out = jnp.einsum('bnyxij,bijnd->byxnd', attn, v).reshape(b, h, w, c)
-    return self.proj(out)
+    rel_h = jnp.einsum('byxnd,yid->bnyxi', q, rh)  # (B, heads, H, W, kH): unscaled q, as official
+    rel_w = jnp.einsum('byxnd,xjd->bnyxj', q, rw)  # (B, heads, H, W, kW)
+    k = k.reshape(b, h * w, n, -1)  # (B, HW, heads, head_dim)
+    v = v.reshape(b, h * w, n, -1)
+
+    def attend(q, rel_h, rel_w):  # a chunk of query rows: (B, r, W, heads, head_dim)
+      r = q.shape[1]
+      logits = jnp.einsum('byxnd,bknd->bnyxk', q * self.scale, k).reshape(b, n, r, w, h, w)
+      logits = logits + rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, r, W, kH, kW)
+      attn = jax.nn.softmax(logits.reshape(b, n, r, w, h * w).astype(jnp.float32), axis=-1)
+      return jnp.einsum('bnyxk,bknd->byxnd', attn.astype(self.dtype), v)  # (B, r, W, heads, d)
+
+    rows = query_rows_per_chunk(b, n, h, w)
+    if rows == h:
+      out = attend(q, rel_h, rel_w)
+    else:  # chunks of query rows, chunk axis first: q (h/rows, B, rows, W, heads, d)
+      chunks = lambda a, axis: jnp.moveaxis(
+          a.reshape(a.shape[:axis] + (h // rows, rows) + a.shape[axis + 1:]), axis, 0)
+      out = jax.lax.map(lambda xs: attend(*xs), (chunks(q, 1), chunks(rel_h, 2), chunks(rel_w, 2)))
+      out = jnp.moveaxis(out, 0, 1).reshape(b, h, w, n, -1)
+    return self.proj(out.reshape(b, h, w, c))
 
 
 class Block(nnx.Module):
