@@ -52,11 +52,16 @@ def select_masks(low_res: jax.Array, iou: jax.Array, multimask_output: bool):
 
 @functools.lru_cache(maxsize=64)
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out, in) matrix of torch's bilinear interpolation (align_corners=False, no antialias)."""
-  src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+  """(out, in) matrix of torch's bilinear interpolation (align_corners=False, no antialias).
+
+  Source positions are computed in float32 as torch does, so the weights match torch's bit for bit.
+  """
+  f32 = np.float32
+  scale = f32(in_size) / f32(out_size)
+  src = np.maximum(scale * (np.arange(out_size, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
   i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   i1 = np.minimum(i0 + 1, in_size - 1)
-  frac = src - i0
+  frac = (src - i0.astype(f32)).astype(np.float64)
   m = np.zeros((out_size, in_size), np.float64)
   np.add.at(m, (np.arange(out_size), i0), 1.0 - frac)
   np.add.at(m, (np.arange(out_size), i1), frac)
