@@ -23,8 +23,8 @@ def test_chunked_attention_equals_unchunked(monkeypatch):
 
 
 def test_rows_per_chunk_divides_and_fits():
-  assert image_encoder.query_rows_per_chunk(1, 12, 64, 64) == 8  # vit_b global: 8 rows x 64
-  assert image_encoder.query_rows_per_chunk(25, 12, 14, 14) == 14  # windows: one chunk
+  assert image_encoder.query_rows_per_chunk(1, 12, 64, 64) == 2  # vit_b global: 2 rows x 64
+  assert image_encoder.query_rows_per_chunk(25, 12, 14, 14) == 7  # 25 windows: 2 chunks
   for b, n in ((1, 16), (8, 16), (64, 16)):
     r = image_encoder.query_rows_per_chunk(b, n, 64, 64)
     assert 64 % r == 0
