@@ -5,7 +5,7 @@
 
 Measures, in one run:
   1. the image encoder at SxS float32, batch 1: torch ``model.image_encoder(x)`` under no_grad vs our
-     jitted ``encode_images`` (compile timed separately); best of --repeats; max abs diff of outputs;
+     jitted ``programs(graphdef).encode`` (compile timed separately); best of --repeats; max abs diff of outputs;
   2. ``SamPredictor.set_image`` (non-square 1200x1800 image) and one ``predict`` call (one point,
      multimask) for both predictors; best of repeats;
   3. peak RSS of the encoder, each framework in a fresh subprocess (``--worker torch|jax``): the
@@ -144,26 +144,27 @@ def bench_encoder(torch_sam, ours, repeats: int) -> dict:
   import torch
   from flax import nnx
 
-  from sam_jax.predictor import encode_images
+  from sam_jax.predictor import programs
   size = ours.image_size
   x = random_encoder_input(size)
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   graphdef, state = nnx.split(ours)
+  encode = programs(graphdef).encode
 
   t = time.perf_counter()
-  lowered = encode_images.lower(graphdef, state, x)
+  lowered = encode.lower(state, x)
   trace_s = time.perf_counter() - t
   t = time.perf_counter()
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t
   temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
   t = time.perf_counter()
-  y = encode_images(graphdef, state, x).block_until_ready()  # reuses the executable above
+  y = encode(state, x).block_until_ready()  # reuses the executable above
   first_call_s = time.perf_counter() - t
   with torch.no_grad():
     yt = torch_sam.image_encoder(xt)  # warm-up
   timing = best_of_alternating(lambda: torch_sam.image_encoder(xt),
-                               lambda: encode_images(graphdef, state, x).block_until_ready(),
+                               lambda: encode(state, x).block_until_ready(),
                                repeats)
   diff = float(np.abs(np.asarray(y).transpose(0, 3, 1, 2) - yt.numpy()).max())
   return dict(**timing, trace_s=trace_s, compile_s=compile_s, first_call_s=first_call_s,
@@ -217,38 +218,34 @@ def bench_predictor(torch_sam, ours, repeats: int, predict_repeats: int) -> dict
 
 
 def predict_breakdown(predictor, point, label, repeats: int) -> dict:
-  """Where our predict spends its time: prompt prep, decode, upscale, device->numpy (best of)."""
+  """Where our predict spends its time: prompt prep on the host, the jitted program (decoder +
+  postprocess), device -> numpy (best of)."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
-  from sam_jax.modeling.sam import postprocess_matrices
-  from sam_jax.predictor import assemble_prompts, decode, upscale
+  from sam_jax.modeling.sam import postprocess_weights
+  from sam_jax.predictor import assemble_prompts
   p = predictor
-  size = p.model.config.low_res_size
   stages = {}
 
   def prep():
     coords = p.transform.apply_coords(np.asarray(point, np.float64), p.original_size)[None]
     c, l = assemble_prompts(coords, label.astype(np.int32)[None], None, 1)
-    masks_in = jnp.zeros((1, size, size), jnp.float32)
-    rows, cols = postprocess_matrices(size, p.model.image_size, p.input_size, p.original_size)
-    return c, l, masks_in, np.full((1,), False), rows, cols
+    weights = postprocess_weights(p.model.config.low_res_size, p.model.image_size, p.input_size,
+                                  p.original_size)
+    return c, l, weights
 
-  c, l, masks_in, has_mask, rows, cols = prep()
+  c, l, weights = prep()
   stages['prompt_prep'] = best_of(prep, repeats)[0]
 
-  def run_decode():
-    return jax.block_until_ready(
-        decode(p._graphdef, p._state, p.features, c, l, masks_in, has_mask, True))
+  def run():
+    return jax.block_until_ready(p.programs.predict(
+        p._state, p.features, p._image_pe, c, l, None, weights, multimask_output=True,
+        return_logits=False))
 
-  low_res, iou = run_decode()
-  stages['decode'] = best_of(run_decode, repeats)[0]
-  masks = upscale(low_res, rows, cols, False).block_until_ready()
-  stages['upscale'] = best_of(lambda: upscale(low_res, rows, cols, False).block_until_ready(),
-                              repeats)[0]
-  stages['to_numpy'] = best_of(lambda: [np.asarray(a[0]) for a in (masks, iou, low_res)],
-                               repeats)[0]
+  out = run()
+  stages['decode+postprocess'] = best_of(run, repeats)[0]
+  stages['to_numpy'] = best_of(lambda: [np.asarray(a)[0] for a in out], repeats)[0]
   return stages
 
 
@@ -304,19 +301,20 @@ def worker(kind: str, name: str, weights: str, threads: int) -> dict:
       sam.image_encoder(x)
   else:
     from sam_jax.modeling.config import VARIANTS
-    from sam_jax.predictor import encode_images
+    from sam_jax.predictor import programs
     graphdef, state = load_ours_npz(name, weights)
+    encode = programs(graphdef).encode
     x = random_encoder_input(VARIANTS[name].image_size)
     base, load_peak = proc_status_mb('VmRSS'), proc_status_mb('VmHWM')
     reset_peak_rss()
     t = time.perf_counter()
-    compiled = encode_images.lower(graphdef, state, x).compile()
+    compiled = encode.lower(state, x).compile()
     extra = dict(compile_s=time.perf_counter() - t,
                  compile_peak_growth_mb=proc_status_mb('VmHWM') - base,
                  rss_after_compile_mb=proc_status_mb('VmRSS'),
                  xla_temp_mb=compiled.memory_analysis().temp_size_in_bytes / 2**20)
     reset_peak_rss()
-    encode_images(graphdef, state, x).block_until_ready()  # reuses the executable above
+    encode(state, x).block_until_ready()  # reuses the executable above
   run_peak = proc_status_mb('VmHWM')
   return dict(kind=kind, threads=threads, threads_note=threads_note, rss_after_load_mb=base,
               load_peak_mb=load_peak, run_peak_mb=run_peak, peak_growth_mb=run_peak - base,

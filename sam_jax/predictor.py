@@ -1,13 +1,13 @@
 """``SamPredictor``: the official interactive-prediction API, backed by jitted JAX functions.
 
-The image encoder is compiled once per model; the decoder once per (prompt batch, prompt-length
-bucket): prompts are padded to the next power of two with inert PAD slots (see
+The image encoder is compiled once per model; the decoder + postprocess once per (prompt batch,
+prompt-length bucket, image size): prompts are padded to the next power of two with inert PAD slots (see
 ``modeling.prompt_encoder``), which gives exactly the unpadded result.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,31 +15,40 @@ import numpy as np
 from flax import nnx
 
 from sam_jax.modeling.prompt_encoder import NOT_A_POINT_LABEL, PAD_LABEL
-from sam_jax.modeling.sam import Sam, postprocess_masks, postprocess_matrices, select_masks
+from sam_jax.modeling.sam import Sam, postprocess_masks, postprocess_weights
 from sam_jax.utils.transforms import ResizeLongestSide, normalize_and_pad
 
 BOX_LABELS = (2, 3)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def encode_images(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array) -> jax.Array:
-  """(B, S, S, 3) normalised, padded -> (B, g, g, C)."""
-  return nnx.merge(graphdef, state).embed_images(images)
+class Programs(NamedTuple):
+  """The jitted functions of one model structure (its graphdef bound)."""
+  encode: Callable  # (state, images (B, S, S, 3)) -> image embeddings (B, g, g, C)
+  dense_pe: Callable  # (state) -> the prompt encoder's (1, g, g, C) positional encoding
+  predict: Callable  # (state, features, image_pe, coords, labels, mask_input, postprocess weights,
+  #   *, multimask_output, return_logits) -> masks (B, C, H, W), IoU (B, C), low-res (B, C, L, L)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 7))
-def decode(graphdef, state, image_embeddings, coords, labels, mask_input, has_mask,
-           multimask_output: bool):
-  """Low-res logits (B, C, L, L) and IoU predictions (B, C) of the selected mask tokens."""
-  low_res, iou = nnx.merge(graphdef, state).decode(image_embeddings, coords, labels, mask_input,
-                                                    has_mask)
-  return select_masks(low_res, iou, multimask_output)
+@functools.lru_cache(maxsize=16)
+def programs(graphdef: nnx.GraphDef) -> Programs:
+  """Cached per model structure: predictors of one model share compilations, and the graphdef is
+  hashed once here rather than as a static argument on every call."""
 
+  def encode(state, images):
+    return nnx.merge(graphdef, state).embed_images(images)
 
-@functools.partial(jax.jit, static_argnums=3)
-def upscale(low_res, rows, cols, return_logits: bool):
-  masks = postprocess_masks(low_res, rows, cols)
-  return masks if return_logits else masks > Sam.mask_threshold
+  def dense_pe(state):
+    return nnx.merge(graphdef, state).prompt_encoder.get_dense_pe()
+
+  def predict(state, features, image_pe, coords, labels, mask_input, weights, *,
+              multimask_output, return_logits):
+    low_res, iou = nnx.merge(graphdef, state).decode(
+        features, coords, labels, mask_input, multimask_output=multimask_output, image_pe=image_pe)
+    masks = postprocess_masks(low_res, *weights)
+    return (masks if return_logits else masks > Sam.mask_threshold), iou, low_res
+
+  return Programs(jax.jit(encode), jax.jit(dense_pe),
+                  jax.jit(predict, static_argnames=('multimask_output', 'return_logits')))
 
 
 def bucket(n: int) -> int:
@@ -99,7 +108,9 @@ class SamPredictor:
   def __init__(self, sam_model: Sam):
     self.model = sam_model
     self.transform = ResizeLongestSide(sam_model.image_size)
-    self._graphdef, self._state = nnx.split(sam_model)
+    graphdef, self._state = nnx.split(sam_model)
+    self.programs = programs(graphdef)
+    self._image_pe = self.programs.dense_pe(self._state)
     self.reset_image()
 
   def set_image(self, image: np.ndarray, image_format: str = 'RGB') -> None:
@@ -124,7 +135,7 @@ class SamPredictor:
     self.original_size = tuple(int(v) for v in original_image_size[:2])
     self.input_size = tuple(int(v) for v in transformed_image.shape[1:3])
     x = normalize_and_pad(np.asarray(transformed_image[0]), s)[None]
-    self.features = encode_images(self._graphdef, self._state, x)
+    self.features = self.programs.encode(self._state, x)
     self.is_image_set = True
 
   def predict(self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
@@ -170,7 +181,7 @@ class SamPredictor:
         raise ValueError(f'mask_input must be (1, {size}, {size}) low-res logits (as returned by '
                          f'predict), got shape {masks.shape}')
     out = self.predict_jax(coords, labels, boxes, masks, multimask_output, return_logits)
-    return tuple(np.asarray(a[0]) for a in out)
+    return tuple(np.asarray(a)[0] for a in out)
 
   def predict_jax(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                   multimask_output: bool = True, return_logits: bool = False):
@@ -189,16 +200,14 @@ class SamPredictor:
       if a is not None and len(a) != batch:
         raise ValueError(f'{name} has batch {len(a)}, other prompts have batch {batch}')
     coords, labels = assemble_prompts(point_coords, point_labels, boxes, batch)
-    size = self.model.config.low_res_size
-    has_mask = np.full((batch,), mask_input is not None)
-    masks_in = (jnp.zeros((batch, size, size), jnp.float32) if mask_input is None else
-                jnp.asarray(mask_input, jnp.float32).reshape(batch, size, size))
-    low_res, iou = decode(self._graphdef, self._state, self.features, coords, labels, masks_in,
-                          has_mask, bool(multimask_output))
-    rows, cols = postprocess_matrices(size, self.model.image_size, self.input_size,
-                                      self.original_size)
-    masks = upscale(low_res, rows, cols, bool(return_logits))
-    return masks, iou, low_res
+    if mask_input is not None:
+      size = self.model.config.low_res_size
+      mask_input = jnp.asarray(mask_input, jnp.float32).reshape(batch, size, size)
+    weights = postprocess_weights(self.model.config.low_res_size, self.model.image_size,
+                                  self.input_size, self.original_size)
+    return self.programs.predict(self._state, self.features, self._image_pe, coords, labels,
+                                 mask_input, weights, multimask_output=bool(multimask_output),
+                                 return_logits=bool(return_logits))
 
   def get_image_embedding(self) -> jax.Array:
     """The image embedding (1, C, g, g), in the official channel-first layout."""

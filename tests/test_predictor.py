@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from sam_jax import SamPredictor, sam_model_registry
-from sam_jax.predictor import assemble_prompts, bucket, decode, encode_images
+from sam_jax.predictor import assemble_prompts, bucket
 
 
 @pytest.fixture(scope='module')
@@ -91,11 +91,9 @@ def test_padding_slots_are_inert(predictor):
   assert labels.tolist() == [[1, -1]]
   longer_c = np.concatenate([coords, np.zeros((1, 6, 2), np.float32)], 1)
   longer_l = np.concatenate([labels, np.full((1, 6), -2, np.int32)], 1)
-  size = predictor.model.config.low_res_size
-  args = (predictor._graphdef, predictor._state, predictor.features)
-  zeros, no_mask = np.zeros((1, size, size), np.float32), np.zeros(1, bool)
-  a = decode(*args, coords, labels, zeros, no_mask, True)
-  b = decode(*args, longer_c, longer_l, zeros, no_mask, True)
+  model = predictor.model
+  a = model.decode(predictor.features, coords, labels, multimask_output=True)
+  b = model.decode(predictor.features, longer_c, longer_l, multimask_output=True)
   np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b[0]), atol=1e-5)
   np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b[1]), atol=1e-6)
 
@@ -105,24 +103,24 @@ def test_bucketed_prompt_counts_do_not_recompile(predictor):
   rng = np.random.default_rng(1)
   predictor.predict(point_coords=np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
                     point_labels=np.array([1, 0, 1]))
-  before = decode._cache_size()
+  before = predictor.programs.predict._cache_size()
   for n in (1, 2, 3):  # n points + the padding point: 2, 3, 4 slots -> buckets 2 and 4
     predictor.predict(point_coords=rng.uniform(0, 100, (n, 2)), point_labels=np.ones(n))
   predictor.predict(box=np.array([10.0, 10.0, 90.0, 90.0]))  # 2 slots
-  assert decode._cache_size() - before <= 1  # at most the bucket-2 shape was new
-  n_compiled = decode._cache_size()
+  assert predictor.programs.predict._cache_size() - before <= 1  # at most the bucket-2 shape was new
+  n_compiled = predictor.programs.predict._cache_size()
   for n in (1, 2, 3):
     predictor.predict(point_coords=rng.uniform(0, 100, (n, 2)), point_labels=np.ones(n))
-  assert decode._cache_size() == n_compiled
+  assert predictor.programs.predict._cache_size() == n_compiled
 
 
 def test_encoder_compiles_once_for_all_image_sizes():
   p = SamPredictor(sam_model_registry['vit_tiny'](seed=0))
   p.set_image(np.zeros((100, 30, 3), np.uint8))
-  n = encode_images._cache_size()
+  n = p.programs.encode._cache_size()
   for shape in ((30, 100, 3), (64, 64, 3), (500, 20, 3)):
     p.set_image(np.zeros(shape, np.uint8))
-  assert encode_images._cache_size() == n
+  assert p.programs.encode._cache_size() == n
 
 
 def test_predict_jax_batch_equals_single_predicts(predictor):

@@ -32,12 +32,11 @@ def check_sharded_forward() -> None:
   images = rng.standard_normal((4, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
   coords, labels = assemble_prompts(rng.uniform(0, 256, (4, 2, 2)), np.ones((4, 2)), None, 4)
   masks = np.zeros((4, cfg.low_res_size, cfg.low_res_size), np.float32)
-  has_mask = np.zeros(4, bool)
 
   def forward(state, images, coords, labels):
     model = nnx.merge(graphdef, state)
     emb = model.embed_images(images)
-    return model.decode(emb, coords, labels, masks, has_mask)
+    return model.decode(emb, coords, labels, masks, multimask_output=True)
 
   expected = jax.jit(forward)(state, images, coords, labels)
   batch = NamedSharding(mesh, P(('data', 'fsdp')))

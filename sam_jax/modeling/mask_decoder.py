@@ -51,11 +51,12 @@ class MaskDecoder(nnx.Module):
                                    cfg.iou_head_depth, dtype=dtype, rngs=rngs)
 
   def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-               token_mask=None) -> tuple[jax.Array, jax.Array]:
-    """Predicts all 4 masks (callers slice 1: for multimask output, 0:1 otherwise).
+               multimask_output: bool, token_mask=None) -> tuple[jax.Array, jax.Array]:
+    """Mask logits (B, C, 4g, 4g) and IoU predictions (B, C): C = 3 (mask tokens 1..3) for
+    multimask output, else 1 (token 0), as the official decoder.
 
     image_embeddings (1 or B, g, g, C), image_pe (1, g, g, C), sparse (B, N, C), dense (B, g, g, C),
-    token_mask (B, N) bool or None. Returns mask logits (B, 4, 4g, 4g) and IoU predictions (B, 4).
+    token_mask (B, N) bool or None (False: a padding slot, left out of attention).
     """
     b = sparse_prompt_embeddings.shape[0]
     output_tokens = jnp.concatenate([self.iou_token.weight[...], self.mask_tokens.weight[...]])
@@ -69,9 +70,10 @@ class MaskDecoder(nnx.Module):
     iou_token_out = hs[:, 0]
     mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
     upscaled = run_sequential(self.output_upscaling, src.reshape(b, g, g, -1))  # (B, 4g, 4g, C/8)
+    chosen = range(1, self.num_mask_tokens) if multimask_output else range(1)
     hyper_in = jnp.stack(
-        [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-        axis=1)  # (B, 4, C/8)
+        [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in chosen],
+        axis=1)  # (B, C, dim/8)
     masks = jnp.einsum('bmc,bhwc->bmhw', hyper_in, upscaled.astype(hyper_in.dtype))
-    iou_pred = self.iou_prediction_head(iou_token_out)
+    iou_pred = self.iou_prediction_head(iou_token_out)[:, chosen.start:chosen.stop]
     return masks.astype(jnp.float32), iou_pred.astype(jnp.float32)

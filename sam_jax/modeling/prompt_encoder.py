@@ -89,13 +89,16 @@ class PromptEncoder(nnx.Module):
     """(B, 4g, 4g, 1) mask logits -> (B, g, g, C)."""
     return run_sequential(self.mask_downscaling, masks)
 
-  def __call__(self, coords: jax.Array, labels: jax.Array, masks: jax.Array,
-               has_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, coords: jax.Array, labels: jax.Array,
+               masks: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Returns sparse (B, N, C) and dense (B, g, g, C) embeddings.
 
-    masks: (B, 4g, 4g, 1) logits, used where has_mask (B,) is true; elsewhere ``no_mask_embed``.
+    masks: (B, 4g, 4g, 1) logits, or None for ``no_mask_embed`` (as the official ``masks=None``).
     """
     sparse = self.embed_points(coords, labels)
-    dense = jnp.where(has_mask[:, None, None, None], self.embed_masks(masks).astype(jnp.float32),
-                      self.no_mask_embed.weight[0])
+    if masks is None:
+      dense = jnp.broadcast_to(self.no_mask_embed.weight[0],
+                               (coords.shape[0], *self.image_embedding_size, self.embed_dim))
+    else:
+      dense = self.embed_masks(masks).astype(jnp.float32)
     return sparse, dense

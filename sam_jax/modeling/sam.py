@@ -33,21 +33,20 @@ class Sam(nnx.Module):
     """(B, S, S, 3) normalised, padded -> (B, g, g, C) image embeddings."""
     return self.image_encoder(images)
 
-  def decode(self, image_embeddings, coords, labels, mask_input, has_mask):
-    """Low-res logits (B, 4, 4g, 4g) and IoU predictions (B, 4) for all four mask tokens.
+  def decode(self, image_embeddings, coords, labels, mask_input=None, *,
+             multimask_output: bool, image_pe=None):
+    """Low-res mask logits (B, C, 4g, 4g) and IoU predictions (B, C) (C = 3 or 1).
 
     image_embeddings (1 or B, g, g, C); coords (B, N, 2) in the input frame; labels (B, N) (see
-    ``prompt_encoder``); mask_input (B, 4g, 4g) logits, used where has_mask (B,) is true.
+    ``prompt_encoder``); mask_input (B, 4g, 4g) logits or None; image_pe: the prompt encoder's
+    ``get_dense_pe()``, recomputed when None.
     """
-    sparse, dense = self.prompt_encoder(coords, labels, mask_input[..., None], has_mask)
-    return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense,
+    masks = None if mask_input is None else mask_input[..., None]
+    sparse, dense = self.prompt_encoder(coords, labels, masks)
+    if image_pe is None:
+      image_pe = self.prompt_encoder.get_dense_pe()
+    return self.mask_decoder(image_embeddings, image_pe, sparse, dense, multimask_output,
                              labels != PAD_LABEL)
-
-
-def select_masks(low_res: jax.Array, iou: jax.Array, multimask_output: bool):
-  """Official output selection: masks 1..3 for multimask output, else mask 0."""
-  s = slice(1, None) if multimask_output else slice(0, 1)
-  return low_res[:, s], iou[:, s]
 
 
 @functools.lru_cache(maxsize=64)
@@ -69,18 +68,26 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def postprocess_matrices(low_res: int, image_size: int, input_size: tuple[int, int],
-                         original_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-  """Row / column matrices of the official postprocess: upsample to S, crop to input, resize."""
-  mats = []
-  for axis in range(2):
-    up = bilinear_matrix(low_res, image_size)[:input_size[axis]]  # (input, low)
-    mats.append((bilinear_matrix(input_size[axis], original_size[axis]) @ up).astype(np.float32))
-  return mats[0], mats[1]
+def postprocess_weights(low_res: int, image_size: int, input_size: tuple[int, int],
+                        original_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The official postprocess (bilinear up to S, crop to the input size, bilinear to the original
+  size) as separable weights on the low-res logits: the row taps, (H, K) indices and (H, K)
+  weights (each output row mixes K <= 4 low-res rows), and the dense (W, L) column matrix."""
+  up_rows, up_cols = (bilinear_matrix(low_res, image_size)[:n] for n in input_size)  # (input, L)
+  rows = bilinear_matrix(input_size[0], original_size[0]) @ up_rows  # (H, L)
+  cols = bilinear_matrix(input_size[1], original_size[1]) @ up_cols  # (W, L)
+  k = int((rows != 0).sum(1).max())
+  idx = np.argsort(rows == 0, axis=1, kind='stable')[:, :k]  # the nonzero columns first
+  return (idx.astype(np.int32), np.take_along_axis(rows, idx, 1).astype(np.float32),
+          cols.astype(np.float32))
 
 
-def postprocess_masks(low_res: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
-  """(..., L, L) logits -> (..., H, W) with the (H, L) / (W, L) matrices of postprocess_matrices."""
-  hi = jax.lax.Precision.HIGHEST
-  x = jnp.einsum('...yx,wx->...yw', low_res, cols, precision=hi)
-  return jnp.einsum('hy,...yw->...hw', rows, x, precision=hi)
+def postprocess_masks(low_res: jax.Array, rows_idx, rows_w, cols) -> jax.Array:
+  """(..., L, L) logits -> (..., H, W) with the weights of ``postprocess_weights``.
+
+  Columns by a small matrix product, rows by K gathers of whole rows: on CPU this is several times
+  faster than either two products or two gathers.
+  """
+  x = jnp.einsum('...yx,wx->...yw', low_res, cols, precision=jax.lax.Precision.HIGHEST)
+  return sum(jnp.take(x, rows_idx[:, k], axis=-2) * rows_w[:, k, None]
+             for k in range(rows_idx.shape[1]))  # (..., H, W)
