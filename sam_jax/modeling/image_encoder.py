@@ -31,7 +31,11 @@ ATTENTION_CHUNK_ELEMENTS = 6_500_000
 
 
 def query_rows_per_chunk(b: int, n: int, h: int, w: int) -> int:
-  """The largest divisor of h whose (b, n, rows * w, h * w) logits fit ATTENTION_CHUNK_ELEMENTS."""
+  """The largest divisor of h whose (b, n, rows * w, h * w) logits fit ATTENTION_CHUNK_ELEMENTS.
+
+  A symbolic batch (jax.export with a batch dimension left open) is planned as one image.
+  """
+  b = b if isinstance(b, int) else 1
   fit = max(1, ATTENTION_CHUNK_ELEMENTS // (b * n * w * h * w))
   return max(r for r in range(1, h + 1) if h % r == 0 and r <= fit)
 
