@@ -20,7 +20,7 @@ demo: setup
 	$(PY) -m sam_jax.demo --out $(OUT)/demo
 
 test: setup
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 --nbmake tests notebooks $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/encoder_cpu.py

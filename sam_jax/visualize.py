@@ -39,3 +39,49 @@ def save_overlay(path: str | Path, image: np.ndarray, masks: np.ndarray, **kwarg
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(overlay(image, masks, **kwargs)).save(path)
   return path
+
+
+# --- matplotlib helpers, as in the official notebooks ---------------------------------------------
+
+
+def show_mask(mask: np.ndarray, ax, random_color: bool = False) -> None:
+  """Draws an (H, W) boolean mask on a matplotlib axis in translucent blue (or a random colour)."""
+  if random_color:
+    color = np.concatenate([np.random.random(3), [0.6]])
+  else:
+    color = np.array([30 / 255, 144 / 255, 255 / 255, 0.6])
+  h, w = mask.shape[-2:]
+  ax.imshow(np.asarray(mask).reshape(h, w, 1) * color.reshape(1, 1, -1))
+
+
+def show_points(coords: np.ndarray, labels: np.ndarray, ax, marker_size: int = 375) -> None:
+  """Foreground points as green stars, background points as red stars."""
+  coords, labels = np.asarray(coords), np.asarray(labels)
+  for label, color in ((1, 'green'), (0, 'red')):
+    pts = coords[labels == label]
+    ax.scatter(pts[:, 0], pts[:, 1], color=color, marker='*', s=marker_size, edgecolor='white',
+               linewidth=1.25)
+
+
+def show_box(box: np.ndarray, ax) -> None:
+  """An XYXY box as a green rectangle."""
+  import matplotlib.pyplot as plt
+  x0, y0, x1, y1 = np.asarray(box, float).reshape(4)
+  ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, edgecolor='green',
+                             facecolor=(0, 0, 0, 0), lw=2))
+
+
+def show_anns(anns: list[dict], ax=None) -> None:
+  """Automatic-mask-generator output (binary_mask mode), largest first, in random colours."""
+  import matplotlib.pyplot as plt
+  if not anns:
+    return
+  ax = ax or plt.gca()
+  ax.set_autoscale_on(False)
+  anns = sorted(anns, key=lambda a: a['area'], reverse=True)
+  h, w = anns[0]['segmentation'].shape
+  img = np.ones((h, w, 4))
+  img[:, :, 3] = 0
+  for ann in anns:
+    img[ann['segmentation']] = np.concatenate([np.random.random(3), [0.35]])
+  ax.imshow(img)
