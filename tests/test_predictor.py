@@ -161,3 +161,10 @@ def test_bfloat16_compute_close_to_float32(tmp_path):
   scale = np.abs(out[0][2]).max()
   assert np.abs(out[0][2] - out[1][2]).max() < 0.1 * scale
   assert np.abs(out[0][1] - out[1][1]).max() < 0.05
+
+
+def test_extreme_aspect_ratio_image(predictor):
+  p = SamPredictor(predictor.model)
+  p.set_image(np.zeros((1, 3000, 3), np.uint8))  # resizes to 1 x 256, not 0 x 256
+  masks, _, _ = p.predict(point_coords=np.array([[10.0, 0.5]]), point_labels=np.array([1]))
+  assert masks.shape == (3, 1, 3000)

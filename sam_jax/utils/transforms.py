@@ -8,8 +8,9 @@ from sam_jax.modeling.config import PIXEL_MEAN, PIXEL_STD
 
 
 def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> tuple[int, int]:
+  """The official resized size; at least 1 px per side (where the official would fail)."""
   scale = long_side_length * 1.0 / max(oldh, oldw)
-  return int(oldh * scale + 0.5), int(oldw * scale + 0.5)
+  return max(1, int(oldh * scale + 0.5)), max(1, int(oldw * scale + 0.5))
 
 
 class ResizeLongestSide:
