@@ -106,7 +106,8 @@ class Conv2d(nnx.Module):
 class ConvTranspose2x2(nnx.Module):
   """ConvTranspose2d(kernel_size=2, stride=2) on NHWC: every input pixel becomes a 2x2 block.
 
-  kernel is (2, 2, in, out): torch's (in, out, kh, kw) weight transposed (2, 3, 0, 1).
+  Returns the blocks un-interleaved, (..., in) -> (..., 2, 2, out): output pixel (2h + p, 2w + q)
+  is [h, w, p, q]. kernel is (2, 2, in, out): torch's (in, out, kh, kw) weight transposed (2, 3, 0, 1).
   """
 
   def __init__(self, din: int, dout: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -116,9 +117,7 @@ class ConvTranspose2x2(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, _ = x.shape
-    y = jnp.einsum('bhwi,pqio->bhpwqo', x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    y = y.reshape(b, 2 * h, 2 * w, -1)  # (B, 2H, 2W, out)
+    y = jnp.einsum('...i,pqio->...pqo', x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     return y + self.bias[...].astype(self.dtype)
 
 

@@ -6,8 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sam_jax.modeling.config import SamConfig
-from sam_jax.modeling.layers import (Activation, ConvTranspose2x2, Embedding, LayerNorm, Linear,
-                                     run_sequential)
+from sam_jax.modeling.layers import Activation, ConvTranspose2x2, Embedding, LayerNorm, Linear
 from sam_jax.modeling.transformer import TwoWayTransformer
 
 
@@ -69,11 +68,16 @@ class MaskDecoder(nnx.Module):
     hs, src = self.transformer(src, image_pe, tokens, token_mask)
     iou_token_out = hs[:, 0]
     mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
-    upscaled = run_sequential(self.output_upscaling, src.reshape(b, g, g, -1))  # (B, 4g, 4g, C/8)
+    # output_upscaling (ConvT, LN, GELU, ConvT, GELU), kept in 2x2-block layout until the masks:
+    # pixel (4h + 2p + r, 4w + 2q + s) is block (h, w, p, q, r, s); interleaving the few mask
+    # channels at the end is cheaper than interleaving the 64- and 32-channel features.
+    conv1, norm, act1, conv2, act2 = self.output_upscaling
+    upscaled = act2(conv2(act1(norm(conv1(src.reshape(b, g, g, -1))))))  # (B, g, g, 2, 2, 2, 2, C/8)
     chosen = range(1, self.num_mask_tokens) if multimask_output else range(1)
     hyper_in = jnp.stack(
         [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in chosen],
-        axis=1)  # (B, C, dim/8)
-    masks = jnp.einsum('bmc,bhwc->bmhw', hyper_in, upscaled.astype(hyper_in.dtype))
+        axis=1)  # (B, M, dim/8)
+    masks = jnp.einsum('bmc,bhwpqrsc->bmhprwqs', hyper_in, upscaled.astype(hyper_in.dtype))
+    masks = masks.reshape(b, len(chosen), 4 * g, 4 * g)  # (B, M, 4g, 4g)
     iou_pred = self.iou_prediction_head(iou_token_out)[:, chosen.start:chosen.stop]
     return masks.astype(jnp.float32), iou_pred.astype(jnp.float32)

@@ -1,0 +1,302 @@
+"""``SamAutomaticMaskGenerator``: the official automatic mask generator (segment-anything 1.0), with
+the heavy work in jitted JAX programs of fixed shapes.
+
+Per image crop, the grid points go through one jitted program ``points_per_batch`` at a time (the
+last batch padded with invalid points), which decodes three masks per point, upsamples each to the
+crop's full resolution a few masks at a time (``lax.map``, so the full-resolution logits of a batch
+are never all in memory) and returns, per mask, the predicted IoU, the stability score, the box and
+whether it passes the filters. Only the low-resolution logits of the masks that pass are kept; after
+the crop's greedy NMS (on device) the survivors are upsampled again to binary masks, pasted into the
+image frame and run-length encoded on the host, as the official generator stores them. The
+compilations depend only on the crop size (and ``points_per_batch``): batches, images of the same
+size and threshold changes reuse them.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sam_jax.modeling.sam import Sam, postprocess_masks, postprocess_weights
+from sam_jax.predictor import SamPredictor, assemble_prompts, check_image, programs
+from sam_jax.utils.amg import (area_from_rle, box_xyxy_to_xywh, build_all_layer_point_grids,
+                               coco_encode_rle, generate_crop_boxes, host_mask_to_box,
+                               is_box_near_crop_edge, mask_to_box, mask_to_rle,
+                               remove_small_regions, rle_to_mask, run_nms, stability_score)
+
+OUTPUT_MODES = ('binary_mask', 'uncompressed_rle', 'coco_rle')
+MASK_CHUNK_BYTES = 64 * 2**20  # full-resolution float32 logits upsampled at once, at most
+
+
+class BatchResult(NamedTuple):
+  """Per mask of one batch of points (3 masks per point, point-major)."""
+  low_res: jax.Array  # (3P, L, L) logits
+  iou: jax.Array  # (3P,) predicted IoU
+  stability: jax.Array  # (3P,)
+  boxes: jax.Array  # (3P, 4) int32 XYXY in the crop frame
+  keep: jax.Array  # (3P,) bool: a real point, and passes the IoU, stability and crop-edge filters
+
+
+class AmgPrograms(NamedTuple):
+  """The jitted functions of the generator for one model structure (graphdef bound)."""
+  score: Callable  # (state, features, image_pe, coords, labels, valid, weights, crop_box,
+  #   orig_box, thresholds) -> BatchResult
+  masks: Callable  # (low_res (M, L, L), weights, offset (2,), orig (H0, W0) zeros) ->
+  #   (M, W0, H0) bool: binary masks pasted into the image frame, transposed (column-major)
+
+
+def chunk_size(h: int, w: int, n: int) -> int:
+  """Masks upsampled at once so that their (chunk, H, W) float32 logits stay under the budget."""
+  return max(1, min(n, MASK_CHUNK_BYTES // (4 * h * w)))
+
+
+@functools.lru_cache(maxsize=16)
+def amg_programs(graphdef: nnx.GraphDef) -> AmgPrograms:
+  """Cached per model structure, like ``predictor.programs``."""
+
+  def score(state, features, image_pe, coords, labels, valid, weights, crop_box, orig_box,
+            thresholds) -> BatchResult:
+    pred_iou_thresh, stability_thresh, stability_offset = thresholds
+    low_res, iou = nnx.merge(graphdef, state).decode(
+        features, coords, labels, None, multimask_output=True, image_pe=image_pe)
+    low_res = low_res.reshape(-1, *low_res.shape[2:])  # (P, 3, L, L) -> (3P, L, L)
+    iou = iou.reshape(-1)  # (3P,)
+
+    def stats(low):  # (c, L, L) -> stability (c,), boxes (c, 4), from full-resolution logits
+      logits = postprocess_masks(low, *weights)  # (c, H, W)
+      return (stability_score(logits, Sam.mask_threshold, stability_offset),
+              mask_to_box(logits > Sam.mask_threshold))
+
+    h, w = weights[0].shape[0], weights[2].shape[0]
+    stability, boxes = jax.lax.map(stats, low_res, batch_size=chunk_size(h, w, len(low_res)))
+    keep = (jnp.repeat(valid, 3) & ((pred_iou_thresh <= 0) | (iou > pred_iou_thresh))
+            & ((stability_thresh <= 0) | (stability >= stability_thresh))
+            & ~is_box_near_crop_edge(boxes, crop_box, orig_box))
+    return BatchResult(low_res, iou, stability, boxes, keep)
+
+  return AmgPrograms(jax.jit(score), jax.jit(binary_masks))
+
+
+def binary_masks(low_res: jax.Array, weights, offset: jax.Array, frame: jax.Array) -> jax.Array:
+  """(M, L, L) logits -> (M, W0, H0) bool: thresholded at full resolution, pasted at ``offset``
+  (x0, y0) into a zero frame like ``frame`` (W0, H0), transposed for column-major encoding."""
+
+  def paste(low):  # (L, L) -> (W0, H0)
+    mask = postprocess_masks(low, *weights) > Sam.mask_threshold  # (h, w)
+    return jax.lax.dynamic_update_slice(frame, mask.T, (offset[0], offset[1]))
+
+  h, w = weights[0].shape[0], weights[2].shape[0]
+  return jax.lax.map(paste, low_res, batch_size=chunk_size(h, w, len(low_res)))
+
+
+class SamAutomaticMaskGenerator:
+  """Masks for a whole image from a grid of point prompts, filtered and de-duplicated."""
+
+  def __init__(self, model: Sam, points_per_side: int | None = 32, points_per_batch: int = 64,
+               pred_iou_thresh: float = 0.88, stability_score_thresh: float = 0.95,
+               stability_score_offset: float = 1.0, box_nms_thresh: float = 0.7,
+               crop_n_layers: int = 0, crop_nms_thresh: float = 0.7,
+               crop_overlap_ratio: float = 512 / 1500, crop_n_points_downscale_factor: int = 1,
+               point_grids: list[np.ndarray] | None = None, min_mask_region_area: int = 0,
+               output_mode: str = 'binary_mask') -> None:
+    """Arguments and defaults as the official generator (tuned for ViT-H).
+
+    points_per_side: grid points per side (points_per_side^2 prompts), or None with point_grids:
+    one (N, 2) grid of (x, y) in [0, 1] per crop layer. points_per_batch: prompts decoded at once.
+    pred_iou_thresh / stability_score_thresh: keep masks above these (0 disables the filter);
+    stability_score_offset: the logit shift of the stability score. box_nms_thresh: box IoU above
+    which NMS drops a duplicate within a crop; crop_nms_thresh: between crops. crop_n_layers: also
+    run on (2^i)^2 crops for layers i = 1..n, overlapping by crop_overlap_ratio of the short side
+    in layer 1, with points_per_side / crop_n_points_downscale_factor^i points a side.
+    min_mask_region_area: if > 0, remove holes and islands smaller than this (needs OpenCV).
+    output_mode: "binary_mask" (H, W) bool, "uncompressed_rle", or "coco_rle" (needs pycocotools).
+    """
+    if (points_per_side is None) == (point_grids is None):
+      raise ValueError('Exactly one of points_per_side or point_grids must be provided.')
+    if points_per_side is not None:
+      self.point_grids = build_all_layer_point_grids(points_per_side, crop_n_layers,
+                                                     crop_n_points_downscale_factor)
+    else:
+      self.point_grids = [np.asarray(g, np.float64).reshape(-1, 2) for g in point_grids]
+      if len(self.point_grids) < crop_n_layers + 1:
+        raise ValueError(f'point_grids has {len(self.point_grids)} grids; crop_n_layers='
+                         f'{crop_n_layers} needs one per layer ({crop_n_layers + 1})')
+    if output_mode not in OUTPUT_MODES:
+      raise ValueError(f'Unknown output_mode {output_mode!r}; choose one of {OUTPUT_MODES}')
+    if output_mode == 'coco_rle':
+      from pycocotools import mask as mask_utils  # noqa: F401
+    if min_mask_region_area > 0:
+      try:
+        import cv2  # noqa: F401
+      except ImportError as e:
+        raise ImportError('min_mask_region_area > 0 needs OpenCV (pip install '
+                          'opencv-python-headless), as the official generator') from e
+    if points_per_batch < 1:
+      raise ValueError(f'points_per_batch must be >= 1, got {points_per_batch}')
+
+    self.predictor = SamPredictor(model)
+    self.points_per_batch = points_per_batch
+    self.pred_iou_thresh = pred_iou_thresh
+    self.stability_score_thresh = stability_score_thresh
+    self.stability_score_offset = stability_score_offset
+    self.box_nms_thresh = box_nms_thresh
+    self.crop_n_layers = crop_n_layers
+    self.crop_nms_thresh = crop_nms_thresh
+    self.crop_overlap_ratio = crop_overlap_ratio
+    self.crop_n_points_downscale_factor = crop_n_points_downscale_factor
+    self.min_mask_region_area = min_mask_region_area
+    self.output_mode = output_mode
+    graphdef, self._state = nnx.split(model)
+    self.programs = amg_programs(graphdef)
+    self._image_pe = programs(graphdef).dense_pe(self._state)
+
+  def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+    """Masks for an HxWx3 uint8 RGB image, as a list of records: segmentation (by output_mode),
+    area (pixels), bbox (XYWH), predicted_iou, point_coords ([[x, y]]), stability_score, crop_box
+    (XYWH)."""
+    image = check_image(image)
+    data = self._generate_masks(image)
+    if self.min_mask_region_area > 0:
+      data = self._postprocess_small_regions(
+          data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
+    if self.output_mode == 'coco_rle':
+      segmentations = [coco_encode_rle(rle) for rle in data['rles']]
+    elif self.output_mode == 'binary_mask':
+      segmentations = [rle_to_mask(rle) for rle in data['rles']]
+    else:
+      segmentations = data['rles']
+    return [{
+        'segmentation': seg,
+        'area': area_from_rle(rle),
+        'bbox': box_xyxy_to_xywh(box).tolist(),
+        'predicted_iou': float(iou),
+        'point_coords': [point.tolist()],
+        'stability_score': float(stab),
+        'crop_box': box_xyxy_to_xywh(crop).tolist(),
+    } for seg, rle, box, iou, point, stab, crop in zip(
+        segmentations, data['rles'], data['boxes'], data['iou_preds'], data['points'],
+        data['stability_score'], data['crop_boxes'])]
+
+  # --- the official pipeline's stages ---------------------------------------------------------
+
+  def _generate_masks(self, image: np.ndarray) -> dict[str, Any]:
+    """Records of every crop, de-duplicated between crops (smaller crops preferred)."""
+    orig_size = image.shape[:2]
+    crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers,
+                                                 self.crop_overlap_ratio)
+    crops = [self._process_crop(image, box, layer, orig_size)
+             for box, layer in zip(crop_boxes, layer_idxs)]
+    data = {k: concat([c[k] for c in crops]) for k in crops[0]}
+    if len(crop_boxes) > 1:
+      crop_area = ((data['crop_boxes'][:, 2] - data['crop_boxes'][:, 0])
+                   * (data['crop_boxes'][:, 3] - data['crop_boxes'][:, 1]))
+      scores = np.float32(1) / crop_area.astype(np.float32)
+      data = select(data, run_nms(data['boxes'], scores, self.crop_nms_thresh))
+    return data
+
+  def _process_crop(self, image: np.ndarray, crop_box: list[int], layer_idx: int,
+                    orig_size: tuple[int, ...]) -> dict[str, Any]:
+    """Records of one crop after its NMS, in the image frame."""
+    x0, y0, x1, y1 = crop_box
+    crop = image[y0:y1, x0:x1, :]
+    crop_size = crop.shape[:2]
+    p = self.predictor
+    p.set_image(crop)
+    cfg = p.model.config
+    weights = postprocess_weights(cfg.low_res_size, cfg.image_size, p.input_size, p.original_size)
+    points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]  # (N, 2) (x, y)
+    crop_arr = np.array(crop_box, np.int32)
+    orig_arr = np.array([0, 0, orig_size[1], orig_size[0]], np.int32)
+    thresholds = np.array([self.pred_iou_thresh, self.stability_score_thresh,
+                           self.stability_score_offset], np.float32)
+    parts = []
+    for start in range(0, len(points), self.points_per_batch):
+      batch = points[start:start + self.points_per_batch]
+      coords, labels, valid = self._batch_prompts(batch, crop_size)
+      out = self.programs.score(self._state, p.features, self._image_pe, coords, labels, valid,
+                                weights, crop_arr, orig_arr, thresholds)
+      parts.append(survivors(out, batch))
+    data = {k: concat([part[k] for part in parts]) for k in parts[0]}
+    data = select(data, run_nms(data['boxes'], data['iou_preds'], self.box_nms_thresh))
+    data['rles'] = self._encode(data.pop('low_res'), weights, crop_box, orig_size)
+    data['boxes'] = data['boxes'] + np.array([x0, y0, x0, y0])
+    data['points'] = data['points'] + np.array([x0, y0])
+    data['crop_boxes'] = np.tile(np.array(crop_box, np.int64), (len(data['rles']), 1))
+    p.reset_image()
+    return data
+
+  def _batch_prompts(self, batch: np.ndarray,
+                     crop_size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One positive point per prompt, padded to ``points_per_batch`` prompts (padding invalid)."""
+    n, size = len(batch), self.points_per_batch
+    coords = np.zeros((size, 1, 2), np.float64)
+    coords[:n, 0] = self.predictor.transform.apply_coords(batch, crop_size)
+    coords, labels = assemble_prompts(coords, np.ones((size, 1), np.int32), None, size)
+    return coords, labels, np.arange(size) < n
+
+  def _encode(self, low_res: np.ndarray, weights, crop_box: list[int],
+              orig_size: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Uncompressed RLEs in the image frame of the masks of ``low_res`` (n, L, L).
+
+    Computed ``points_per_batch`` masks at a time (the last call padded), so the shape repeats."""
+    size = self.points_per_batch
+    frame = jnp.zeros(orig_size[::-1], bool)  # (W0, H0)
+    offset = np.array(crop_box[:2], np.int32)
+    rles = []
+    for start in range(0, len(low_res), size):
+      chunk = low_res[start:start + size]
+      padded = np.zeros((size, *chunk.shape[1:]), np.float32)
+      padded[:len(chunk)] = chunk
+      masks = np.asarray(self.programs.masks(padded, weights, offset, frame))
+      rles.extend(mask_to_rle(m) for m in masks[:len(chunk)])
+    return rles
+
+  @staticmethod
+  def _postprocess_small_regions(data: dict[str, Any], min_area: int,
+                                 nms_thresh: float) -> dict[str, Any]:
+    """Removes holes and islands under ``min_area`` pixels, then NMS again, preferring masks
+    that did not change (as the official)."""
+    if len(data['rles']) == 0:
+      return data
+    masks, unchanged = [], []
+    for rle in data['rles']:
+      mask, holes_changed = remove_small_regions(rle_to_mask(rle), min_area, 'holes')
+      mask, islands_changed = remove_small_regions(mask, min_area, 'islands')
+      masks.append(mask)
+      unchanged.append(not (holes_changed or islands_changed))
+    boxes = np.stack([host_mask_to_box(m) for m in masks])
+    keep = run_nms(boxes, np.array(unchanged, np.float32), nms_thresh)
+    data = dict(data, rles=list(data['rles']), boxes=data['boxes'].copy())
+    for i in keep:
+      if not unchanged[i]:
+        data['rles'][i] = mask_to_rle(np.ascontiguousarray(masks[i].T))
+        data['boxes'][i] = boxes[i]
+    return select(data, keep)
+
+
+def survivors(out: BatchResult, points: np.ndarray) -> dict[str, Any]:
+  """The masks of one batch that pass the filters, as host arrays (official record names)."""
+  idx = np.flatnonzero(np.asarray(out.keep))
+  return {
+      'low_res': np.asarray(out.low_res)[idx],
+      'iou_preds': np.asarray(out.iou)[idx],
+      'stability_score': np.asarray(out.stability)[idx],
+      'boxes': np.asarray(out.boxes).astype(np.int64)[idx],
+      'points': points[idx // 3],
+  }
+
+
+def concat(parts: list) -> Any:
+  """Concatenates per-batch / per-crop record fields (lists or arrays)."""
+  if isinstance(parts[0], list):
+    return [x for part in parts for x in part]
+  return np.concatenate(parts)
+
+
+def select(data: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
+  """The records at ``idx``, in that order."""
+  return {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] for k, v in data.items()}
