@@ -1,0 +1,56 @@
+"""The first prompt of every training mask (SAM paper, Appendix A), in numpy.
+
+With equal probability a mask is prompted by one foreground point, uniform over the mask's pixels, or
+by its box with noise of standard deviation 10% of the box side per coordinate, capped at 20 px (at
+the 1024 input; the cap scales with the input size). Both come out as the prompt encoder's two sparse
+tokens, so every mask has the same shape of prompt:
+
+  point: coords [[x, y], [0, 0]]     labels [1, -1]  (the official padding point for no box)
+  box:   coords [[x0, y0], [x1, y1]] labels [2, 3]
+"""
+from __future__ import annotations
+
+import numpy as np
+
+POINT_LABELS = (1, -1)
+BOX_LABELS = (2, 3)
+NO_PROMPT_LABELS = (-1, -1)
+
+
+def default_noise_cap(image_size: int) -> float:
+  """20 px at the 1024 input, proportionally less for smaller inputs."""
+  return 20.0 * image_size / 1024
+
+
+def noisy_boxes(boxes: np.ndarray, rng: np.random.Generator, input_hw: tuple[int, int],
+                noise_fraction: float = 0.1, noise_cap: float = 20.0) -> np.ndarray:
+  """(k, 4) xyxy -> the same boxes moved by N(0, (fraction * side)^2) per coordinate, each move
+  clipped to +-cap, then clipped to the image and put back in order (which keeps every corner
+  within ``noise_cap`` of the exact one)."""
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  w = boxes[:, 2] - boxes[:, 0]
+  h = boxes[:, 3] - boxes[:, 1]
+  std = noise_fraction * np.stack([w, h, w, h], axis=1)
+  noise = np.clip(rng.normal(size=boxes.shape) * std, -noise_cap, noise_cap)
+  out = boxes + noise
+  out[:, 0::2] = out[:, 0::2].clip(0, input_hw[1] - 1)
+  out[:, 1::2] = out[:, 1::2].clip(0, input_hw[0] - 1)
+  x0, x1 = np.minimum(out[:, 0], out[:, 2]), np.maximum(out[:, 0], out[:, 2])
+  y0, y1 = np.minimum(out[:, 1], out[:, 3]), np.maximum(out[:, 1], out[:, 3])
+  return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
+
+
+def first_prompts(points: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,
+                  input_hw: tuple[int, int], point_probability: float = 0.5,
+                  noise_fraction: float = 0.1, noise_cap: float = 20.0
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """Points (k, 2) xy and exact boxes (k, 4) xyxy, all in the input frame ->
+  coords (k, 2, 2) float32 and labels (k, 2) int32, a point or a noisy box per mask."""
+  points = np.asarray(points, np.float32).reshape(-1, 2)
+  k = len(points)
+  is_point = rng.random(k) < point_probability  # (k,)
+  noisy = noisy_boxes(boxes, rng, input_hw, noise_fraction, noise_cap)
+  point_coords = np.stack([points, np.zeros_like(points)], axis=1)  # (k, 2, 2)
+  coords = np.where(is_point[:, None, None], point_coords, noisy.reshape(k, 2, 2))
+  labels = np.where(is_point[:, None], np.array(POINT_LABELS), np.array(BOX_LABELS))
+  return coords.astype(np.float32), labels.astype(np.int32)
