@@ -2,14 +2,15 @@
 the heavy work in jitted JAX programs of fixed shapes.
 
 Per image crop, the grid points go through one jitted program ``points_per_batch`` at a time (the
-last batch padded with invalid points), which decodes three masks per point, upsamples each to the
-crop's full resolution a few masks at a time (``lax.map``, so the full-resolution logits of a batch
-are never all in memory) and returns, per mask, the predicted IoU, the stability score, the box and
-whether it passes the filters. Only the low-resolution logits of the masks that pass are kept; after
-the crop's greedy NMS (on device) the survivors are upsampled again to binary masks, pasted into the
-image frame and run-length encoded on the host, as the official generator stores them. The
-compilations depend only on the crop size (and ``points_per_batch``): batches, images of the same
-size and threshold changes reuse them.
+last batch padded with invalid points). It decodes three masks per point and, for the masks that
+pass the IoU filter only (as the official), upsamples the logits to the crop's full resolution a
+few masks at a time (at most ``MASK_CHUNK_BYTES`` of float32 logits live at once, never a whole
+batch) to get stability scores and boxes; it returns per mask the predicted IoU, the stability
+score, the box and whether the mask passes every filter. The host keeps only the low-resolution
+logits of the masks that pass; after the crop's greedy NMS (on device) the survivors are upsampled
+again to binary masks, pasted into the image frame and run-length encoded on the host, which is the
+form the official generator stores them in. Compilations depend only on the crop size and
+``points_per_batch``: batches, images of the same size and other thresholds reuse them.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from sam_jax.utils.amg import (area_from_rle, box_xyxy_to_xywh, build_all_layer_
                                remove_small_regions, rle_to_mask, run_nms, stability_score)
 
 OUTPUT_MODES = ('binary_mask', 'uncompressed_rle', 'coco_rle')
-MASK_CHUNK_BYTES = 64 * 2**20  # full-resolution float32 logits upsampled at once, at most
+MASK_CHUNK_BYTES = 64 * 2**20  # at most this much full-resolution float32 logits at once
 
 
 class BatchResult(NamedTuple):
@@ -45,8 +46,8 @@ class AmgPrograms(NamedTuple):
   """The jitted functions of the generator for one model structure (graphdef bound)."""
   score: Callable  # (state, features, image_pe, coords, labels, valid, weights, crop_box,
   #   orig_box, thresholds) -> BatchResult
-  masks: Callable  # (low_res (M, L, L), weights, offset (2,), orig (H0, W0) zeros) ->
-  #   (M, W0, H0) bool: binary masks pasted into the image frame, transposed (column-major)
+  masks: Callable  # (low_res (M, L, L), n, weights, offset (2,), *, orig_size (H0, W0)) ->
+  #   (M, W0, H0) bool: the first n binary masks pasted into the image frame, transposed
 
 
 def chunk_size(h: int, w: int, n: int) -> int:
@@ -66,31 +67,57 @@ def amg_programs(graphdef: nnx.GraphDef) -> AmgPrograms:
     low_res = low_res.reshape(-1, *low_res.shape[2:])  # (P, 3, L, L) -> (3P, L, L)
     iou = iou.reshape(-1)  # (3P,)
 
-    def stats(low):  # (c, L, L) -> stability (c,), boxes (c, 4), from full-resolution logits
-      logits = postprocess_masks(low, *weights)  # (c, H, W)
-      return (stability_score(logits, Sam.mask_threshold, stability_offset),
-              mask_to_box(logits > Sam.mask_threshold))
-
-    h, w = weights[0].shape[0], weights[2].shape[0]
-    stability, boxes = jax.lax.map(stats, low_res, batch_size=chunk_size(h, w, len(low_res)))
-    keep = (jnp.repeat(valid, 3) & ((pred_iou_thresh <= 0) | (iou > pred_iou_thresh))
-            & ((stability_thresh <= 0) | (stability >= stability_thresh))
+    candidate = jnp.repeat(valid, 3) & ((pred_iou_thresh <= 0) | (iou > pred_iou_thresh))
+    stability, boxes = full_res_stats(low_res, candidate, weights, stability_offset)
+    keep = (candidate & ((stability_thresh <= 0) | (stability >= stability_thresh))
             & ~is_box_near_crop_edge(boxes, crop_box, orig_box))
     return BatchResult(low_res, iou, stability, boxes, keep)
 
-  return AmgPrograms(jax.jit(score), jax.jit(binary_masks))
+  return AmgPrograms(jax.jit(score), jax.jit(binary_masks, static_argnames='orig_size'))
 
 
-def binary_masks(low_res: jax.Array, weights, offset: jax.Array, frame: jax.Array) -> jax.Array:
-  """(M, L, L) logits -> (M, W0, H0) bool: thresholded at full resolution, pasted at ``offset``
-  (x0, y0) into a zero frame like ``frame`` (W0, H0), transposed for column-major encoding."""
+def full_res_stats(low_res: jax.Array, todo: jax.Array, weights,
+                   offset: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Stability scores (n,) and boxes (n, 4) from the full-resolution logits of the masks of
+  ``low_res`` (n, L, L) where ``todo`` (n,); zero elsewhere.
 
-  def paste(low):  # (L, L) -> (W0, H0)
-    mask = postprocess_masks(low, *weights) > Sam.mask_threshold  # (h, w)
-    return jax.lax.dynamic_update_slice(frame, mask.T, (offset[0], offset[1]))
+  As the official computes stability only for the masks that pass the IoU filter, only
+  ceil(sum(todo) / c) chunks of c masks are upsampled (the last chunk may repeat some masks).
+  """
+  n = low_res.shape[0]
+  c = chunk_size(weights[0].shape[0], weights[2].shape[0], n)
+  order = jnp.argsort(~todo, stable=True)  # the masks to do first
 
-  h, w = weights[0].shape[0], weights[2].shape[0]
-  return jax.lax.map(paste, low_res, batch_size=chunk_size(h, w, len(low_res)))
+  def chunk(i, out):
+    stability, boxes = out
+    idx = jax.lax.dynamic_slice(order, (jnp.minimum(i * c, n - c),), (c,))
+    logits = postprocess_masks(low_res[idx], *weights)  # (c, H, W)
+    return (stability.at[idx].set(stability_score(logits, Sam.mask_threshold, offset)),
+            boxes.at[idx].set(mask_to_box(logits > Sam.mask_threshold)))
+
+  n_chunks = (jnp.sum(todo) + c - 1) // c
+  return jax.lax.fori_loop(0, n_chunks, chunk,
+                           (jnp.zeros(n, jnp.float32), jnp.zeros((n, 4), jnp.int32)))
+
+
+def binary_masks(low_res: jax.Array, n: jax.Array, weights, offset: jax.Array, *,
+                 orig_size: tuple[int, int]) -> jax.Array:
+  """The first ``n`` masks of ``low_res`` (M, L, L) thresholded at full resolution and pasted at
+  ``offset`` (x0, y0) into an empty image of ``orig_size`` (H0, W0), transposed for column-major
+  encoding: (M, W0, H0) bool, c masks at a time, masks past ``n`` left empty."""
+  m = low_res.shape[0]
+  c = chunk_size(weights[0].shape[0], weights[2].shape[0], m)
+
+  def chunk(i, out):
+    start = jnp.minimum(i * c, m - c)
+    masks = postprocess_masks(jax.lax.dynamic_slice_in_dim(low_res, start, c),
+                              *weights) > Sam.mask_threshold  # (c, h, w)
+    pasted = jax.lax.dynamic_update_slice(jnp.zeros((c, *orig_size[::-1]), bool),
+                                          jnp.swapaxes(masks, 1, 2), (0, offset[0], offset[1]))
+    return jax.lax.dynamic_update_slice_in_dim(out, pasted, start, 0)
+
+  return jax.lax.fori_loop(0, (n + c - 1) // c, chunk,
+                           jnp.zeros((m, *orig_size[::-1]), bool))  # (M, W0, H0)
 
 
 class SamAutomaticMaskGenerator:
@@ -159,10 +186,14 @@ class SamAutomaticMaskGenerator:
     area (pixels), bbox (XYWH), predicted_iou, point_coords ([[x, y]]), stability_score, crop_box
     (XYWH)."""
     image = check_image(image)
-    data = self._generate_masks(image)
+    crop_boxes, layer_idxs = generate_crop_boxes(image.shape[:2], self.crop_n_layers,
+                                                 self.crop_overlap_ratio)
+    nms_size = sum(self._max_masks(layer) for layer in layer_idxs)
+    data = self._generate_masks(image, crop_boxes, layer_idxs, nms_size)
     if self.min_mask_region_area > 0:
       data = self._postprocess_small_regions(
-          data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
+          data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh),
+          nms_size)
     if self.output_mode == 'coco_rle':
       segmentations = [coco_encode_rle(rle) for rle in data['rles']]
     elif self.output_mode == 'binary_mask':
@@ -183,19 +214,23 @@ class SamAutomaticMaskGenerator:
 
   # --- the official pipeline's stages ---------------------------------------------------------
 
-  def _generate_masks(self, image: np.ndarray) -> dict[str, Any]:
+  def _max_masks(self, layer_idx: int) -> int:
+    """The most masks a crop of this layer can give: 3 per point, points padded to batches.
+    NMS arrays are padded to such bounds, so their shapes repeat from image to image."""
+    n, size = len(self.point_grids[layer_idx]), self.points_per_batch
+    return 3 * size * -(-n // size)
+
+  def _generate_masks(self, image: np.ndarray, crop_boxes: list[list[int]],
+                      layer_idxs: list[int], nms_size: int) -> dict[str, Any]:
     """Records of every crop, de-duplicated between crops (smaller crops preferred)."""
-    orig_size = image.shape[:2]
-    crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers,
-                                                 self.crop_overlap_ratio)
-    crops = [self._process_crop(image, box, layer, orig_size)
+    crops = [self._process_crop(image, box, layer, image.shape[:2])
              for box, layer in zip(crop_boxes, layer_idxs)]
     data = {k: concat([c[k] for c in crops]) for k in crops[0]}
     if len(crop_boxes) > 1:
       crop_area = ((data['crop_boxes'][:, 2] - data['crop_boxes'][:, 0])
                    * (data['crop_boxes'][:, 3] - data['crop_boxes'][:, 1]))
       scores = np.float32(1) / crop_area.astype(np.float32)
-      data = select(data, run_nms(data['boxes'], scores, self.crop_nms_thresh))
+      data = select(data, run_nms(data['boxes'], scores, self.crop_nms_thresh, nms_size))
     return data
 
   def _process_crop(self, image: np.ndarray, crop_box: list[int], layer_idx: int,
@@ -207,7 +242,8 @@ class SamAutomaticMaskGenerator:
     p = self.predictor
     p.set_image(crop)
     cfg = p.model.config
-    weights = postprocess_weights(cfg.low_res_size, cfg.image_size, p.input_size, p.original_size)
+    weights = jax.device_put(postprocess_weights(cfg.low_res_size, cfg.image_size, p.input_size,
+                                                 p.original_size))
     points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]  # (N, 2) (x, y)
     crop_arr = np.array(crop_box, np.int32)
     orig_arr = np.array([0, 0, orig_size[1], orig_size[0]], np.int32)
@@ -220,9 +256,12 @@ class SamAutomaticMaskGenerator:
       out = self.programs.score(self._state, p.features, self._image_pe, coords, labels, valid,
                                 weights, crop_arr, orig_arr, thresholds)
       parts.append(survivors(out, batch))
+    low_res = [part.pop('low_res') for part in parts]  # per batch: the kept (k, L, L)
     data = {k: concat([part[k] for part in parts]) for k in parts[0]}
-    data = select(data, run_nms(data['boxes'], data['iou_preds'], self.box_nms_thresh))
-    data['rles'] = self._encode(data.pop('low_res'), weights, crop_box, orig_size)
+    keep = run_nms(data['boxes'], data['iou_preds'], self.box_nms_thresh,
+                   self._max_masks(layer_idx))
+    data = select(data, keep)
+    data['rles'] = self._encode(take_rows(low_res, keep), weights, crop_box, orig_size)
     data['boxes'] = data['boxes'] + np.array([x0, y0, x0, y0])
     data['points'] = data['points'] + np.array([x0, y0])
     data['crop_boxes'] = np.tile(np.array(crop_box, np.int64), (len(data['rles']), 1))
@@ -244,20 +283,20 @@ class SamAutomaticMaskGenerator:
 
     Computed ``points_per_batch`` masks at a time (the last call padded), so the shape repeats."""
     size = self.points_per_batch
-    frame = jnp.zeros(orig_size[::-1], bool)  # (W0, H0)
     offset = np.array(crop_box[:2], np.int32)
     rles = []
     for start in range(0, len(low_res), size):
       chunk = low_res[start:start + size]
       padded = np.zeros((size, *chunk.shape[1:]), np.float32)
       padded[:len(chunk)] = chunk
-      masks = np.asarray(self.programs.masks(padded, weights, offset, frame))
+      masks = np.asarray(self.programs.masks(padded, len(chunk), weights, offset,
+                                            orig_size=tuple(orig_size)))
       rles.extend(mask_to_rle(m) for m in masks[:len(chunk)])
     return rles
 
   @staticmethod
-  def _postprocess_small_regions(data: dict[str, Any], min_area: int,
-                                 nms_thresh: float) -> dict[str, Any]:
+  def _postprocess_small_regions(data: dict[str, Any], min_area: int, nms_thresh: float,
+                                 nms_size: int) -> dict[str, Any]:
     """Removes holes and islands under ``min_area`` pixels, then NMS again, preferring masks
     that did not change (as the official)."""
     if len(data['rles']) == 0:
@@ -269,7 +308,7 @@ class SamAutomaticMaskGenerator:
       masks.append(mask)
       unchanged.append(not (holes_changed or islands_changed))
     boxes = np.stack([host_mask_to_box(m) for m in masks])
-    keep = run_nms(boxes, np.array(unchanged, np.float32), nms_thresh)
+    keep = run_nms(boxes, np.array(unchanged, np.float32), nms_thresh, nms_size)
     data = dict(data, rles=list(data['rles']), boxes=data['boxes'].copy())
     for i in keep:
       if not unchanged[i]:
@@ -295,6 +334,16 @@ def concat(parts: list) -> Any:
   if isinstance(parts[0], list):
     return [x for part in parts for x in part]
   return np.concatenate(parts)
+
+
+def take_rows(parts: list[np.ndarray], idx: np.ndarray) -> np.ndarray:
+  """``np.concatenate(parts)[idx]`` without the concatenation."""
+  offsets = np.cumsum([0] + [len(part) for part in parts])
+  out = np.empty((len(idx), *parts[0].shape[1:]), parts[0].dtype)
+  for part, start, stop in zip(parts, offsets[:-1], offsets[1:]):
+    sel = (idx >= start) & (idx < stop)
+    out[sel] = part[idx[sel] - start]
+  return out
 
 
 def select(data: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def build_all_layer_point_grids(n_per_side: int, n_layers: int,
 
 def generate_crop_boxes(im_size: tuple[int, ...], n_layers: int,
                         overlap_ratio: float) -> tuple[list[list[int]], list[int]]:
-  """XYXY crop boxes (the whole image, then (2^i)^2 overlapping crops in layer i) and their layers."""
+  """XYXY crop boxes (the whole image, then (2^i)^2 overlapping crops in layer i), their layers."""
   im_h, im_w = im_size
   short_side = min(im_h, im_w)
   crop_boxes, layer_idxs = [[0, 0, im_w, im_h]], [0]
@@ -65,7 +65,7 @@ def box_xyxy_to_xywh(box: np.ndarray) -> np.ndarray:
 
 
 def mask_to_box(mask: jax.Array) -> jax.Array:
-  """(..., H, W) bool -> (..., 4) int32 XYXY of the inclusive pixel extent; [0, 0, 0, 0] if empty."""
+  """(..., H, W) bool -> (..., 4) int32 XYXY of the inclusive pixel extents ([0] * 4 if empty)."""
   h, w = mask.shape[-2:]
 
   def extent(present: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
@@ -124,17 +124,13 @@ def nms(boxes: jax.Array, scores: jax.Array, n_valid: jax.Array,
   return order, jax.lax.fori_loop(0, n_valid, suppress, valid)
 
 
-def pad_to_bucket(n: int, minimum: int = 64) -> int:
-  """Array lengths for NMS are padded to a power of two, so its shapes repeat."""
-  return max(minimum, 1 << max(n - 1, 0).bit_length())
-
-
-def run_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-  """``nms`` on host arrays of any length: the kept indices, highest score first."""
+def run_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,
+            size: int) -> np.ndarray:
+  """``nms`` of host arrays padded to ``size`` entries (so one compilation serves every call of
+  that size): the kept indices, highest score first."""
   n = len(boxes)
-  if n == 0:
-    return np.zeros(0, np.int64)
-  size = pad_to_bucket(n)
+  if n > size:
+    raise ValueError(f'{n} boxes do not fit the NMS size {size}')
   padded_boxes = np.zeros((size, 4), np.float32)
   padded_boxes[:n] = boxes
   padded_scores = np.zeros(size, np.float32)
