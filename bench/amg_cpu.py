@@ -6,10 +6,11 @@
 One photograph (scikit-image's coffee, resized to --size; "native" keeps 400x600), ``generate()``
 end to end (set_image included) at the official defaults (32x32 points, batches of 64, IoU 0.88,
 stability 0.95, box NMS 0.7, no crops), timed in turns, best of --repeats; ours after a warm-up call
-whose time (mostly compilation) is reported apart. Fully random decoder weights give one
+whose trace / lower / compile time (from jax.monitoring events) is reported apart. Fully random decoder weights give one
 whole-image mask; the official model is edited as in ``tests/amg_reference.coherent_masks`` (region
 masks, predicted IoUs around 0.88) so the filters and NMS see a realistic load. Then one more call
-of ours, instrumented (each stage waits for its device work), gives the per-stage breakdown.
+of ours, instrumented (each stage waits for its device work), gives the per-stage breakdown. The
+peak RSS growth of each call (VmHWM reset before it) is reported too.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, 'bench'))
 sys.path.insert(0, os.path.join(REPO, 'tests'))
 
-from encoder_cpu import best_of_alternating, restrict_threads  # noqa: E402
+from encoder_cpu import (best_of_alternating, proc_status_mb, reset_peak_rss,  # noqa: E402
+                         restrict_threads)
 
 GOAL = 0.5
 COMPILE_EVENTS = ('/jax/core/compile/jaxpr_trace_duration',
@@ -166,10 +168,13 @@ def main() -> None:
   warmup_s = time.perf_counter() - t
   compile_s, n_compile_steps = sum(compiles), len(compiles)
   log('timed runs, alternating')
-  results = {'torch': None, 'jax': None}
+  results, peak_mb = {}, {'torch': 0.0, 'jax': 0.0}
 
-  def run(name, gen):
+  def run(name, gen):  # also the peak RSS growth of the call (VmHWM reset before it)
+    reset_peak_rss()
+    base = proc_status_mb('VmRSS')
     results[name] = gen.generate(image)
+    peak_mb[name] = max(peak_mb[name], proc_status_mb('VmHWM') - base)
 
   timing = best_of_alternating(lambda: run('torch', theirs_gen), lambda: run('jax', ours_gen),
                                args.repeats)
@@ -182,7 +187,7 @@ def main() -> None:
                 cpus=os.cpu_count(), generate=dict(**timing, goal=GOAL),
                 jax_warmup_s=warmup_s, jax_compile_s=compile_s,
                 jax_compile_steps_in_timed_runs=recompiles,
-                jax_breakdown_s=stages, parity=compare(results['jax'], results['torch']))
+                peak_rss_growth_mb=peak_mb, jax_breakdown_s=stages, parity=compare(results['jax'], results['torch']))
   print_table(report)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, 'w') as f:
@@ -206,6 +211,8 @@ def print_table(r: dict) -> None:
         f'{r["jax_compile_steps_in_timed_runs"]}); '
         f'runs (s): torch {[round(t, 2) for t in g["torch_times"]]}, ours '
         f'{[round(t, 2) for t in g["jax_times"]]}')
+  m = r['peak_rss_growth_mb']
+  print(f'peak RSS growth during a call: torch {m["torch"]:.0f} MB, ours {m["jax"]:.0f} MB')
   print(f'masks: ours {par["ours_masks"]}, official {par["official_masks"]}' + (
       f'; matched one to one: {par["one_to_one"]}, worst mask IoU {par["worst_mask_iou"]:.4f}, '
       f'max |d predicted_iou| {par["max_predicted_iou_diff"]:.1e}, max |d stability| '
