@@ -1,4 +1,5 @@
-"""Our own checkpoint format: an orbax directory of parameters plus the model configuration."""
+"""Our own checkpoint format: an orbax directory of parameters plus the model configuration (written
+by ``sam_jax.convert``), or a training workdir (``sam_jax.training.checkpointing``)."""
 from __future__ import annotations
 
 import json
@@ -49,6 +50,9 @@ def load(path: str | Path, cfg: SamConfig, abstract_state: nnx.State) -> nnx.Sta
     raise CheckpointError(
         f'orbax checkpoint {path} holds a {variant_name(recorded) or "custom"} model '
         f'({recorded}), not the requested {variant_name(cfg) or "custom"} model ({cfg}).')
+  from sam_jax.training import checkpointing  # a training workdir: its latest checkpoint
+  if checkpointing.is_training_workdir(path):
+    return checkpointing.load_model_state(path, abstract_state)
   target = jax.tree.map(lambda v: np.zeros(v.shape, v.dtype), _str_keys(nnx.to_pure_dict(abstract_state)))
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(path / PARAMS_DIR, target)

@@ -97,7 +97,8 @@ class Block(nnx.Module):
     self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio), act='gelu', dtype=dtype, rngs=rngs)
     self.window_size = window_size
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, drop: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    """drop: (key, rate) for stochastic depth in training (whole residual branches per image)."""
     shortcut = x
     x = self.norm1(x)
     ws = self.window_size
@@ -110,11 +111,33 @@ class Block(nnx.Module):
     if ws:
       x = rearrange(x, '(b nh nw) wh ww c -> b (nh wh) (nw ww) c', b=b, nh=(h + ph) // ws)
       x = x[:, :h, :w]
+    if drop is not None:
+      key_attn, key_mlp = jax.random.split(drop[0])
+      x = shortcut + drop_path(x, key_attn, drop[1])
+      return x + drop_path(self.mlp(self.norm2(x)), key_mlp, drop[1])
     x = shortcut + x
     return x + self.mlp(self.norm2(x))
 
 
+def drop_path(x: jax.Array, key: jax.Array, rate: jax.Array) -> jax.Array:
+  """Stochastic depth: zeroes a residual branch per image with probability ``rate``, else
+  scales it by 1 / (1 - rate)."""
+  keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), 0).astype(x.dtype)
+
+
+# What a remat policy saves of each block's activations for the backward pass (None: everything,
+# no recomputation). 'block' saves only the block inputs and recomputes the rest.
+REMAT_POLICIES = {
+    'none': None,
+    'block': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class PatchEmbed(nnx.Module):
+  """The 16x16, stride-16 convolution that turns pixels into tokens."""
 
   def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs):
     p = cfg.patch_size
@@ -136,6 +159,7 @@ class ImageEncoderViT(nnx.Module):
     self.window_blocks = stacked(lambda r: Block(cfg, window_size=cfg.window_size, rngs=r),
                                  (groups, per_group - 1), rngs, ('layers', 'sublayers'))
     self.global_blocks = stacked(lambda r: Block(cfg, window_size=0, rngs=r), (groups,), rngs)
+    self.block_groups = (groups, per_group)
     self.neck = nnx.List([
         Conv2d(dim, out, 1, bias=False, axes=(None, None, 'embed', None), dtype=dtype, rngs=rngs),
         LayerNorm(out, eps=1e-6, axis_name=None, dtype=dtype),
@@ -144,19 +168,44 @@ class ImageEncoderViT(nnx.Module):
         LayerNorm(out, eps=1e-6, axis_name=None, dtype=dtype),
     ])
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, drop_path_rate: float = 0.0, rng: jax.Array | None = None,
+               remat: str = 'none') -> jax.Array:
+    """drop_path_rate: stochastic depth of the last block (linear from 0 over depth, as ViTDet),
+    drawn from ``rng``; remat: a ``REMAT_POLICIES`` name, applied to every block."""
     x = self.patch_embed(x)
     x = x + self.pos_embed[...].astype(x.dtype)
     window_def, window_params = nnx.split(self.window_blocks)
     global_def, global_params = nnx.split(self.global_blocks)
+    groups, per_group = self.block_groups
+    if drop_path_rate:
+      if rng is None:
+        raise ValueError('drop_path_rate > 0 needs an rng key')
+      rates = jnp.linspace(0.0, drop_path_rate, groups * per_group).reshape(groups, per_group)
+      keys = jax.random.split(rng, (groups, per_group))
+      drops = (keys, rates)  # per block: (groups, per_group, ...)
+    else:
+      drops = None
 
-    def window_step(x, params):
-      return nnx.merge(window_def, params)(x), None
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}')
 
-    def group_step(x, params):
-      window_group, global_block = params
-      x, _ = jax.lax.scan(window_step, x, window_group)
-      return nnx.merge(global_def, global_block)(x), None
+    def block_fn(graphdef):
+      def run(params, x, drop):
+        return nnx.merge(graphdef, params)(x, drop)
+      return run if remat == 'none' else jax.checkpoint(run, policy=REMAT_POLICIES[remat])
 
-    x, _ = jax.lax.scan(group_step, x, (window_params, global_params))
+    run_window, run_global = block_fn(window_def), block_fn(global_def)
+
+    def window_step(x, xs):
+      params, drop = xs
+      return run_window(params, x, drop), None
+
+    def group_step(x, xs):
+      window_group, global_block, drop = xs
+      window_drop = None if drop is None else jax.tree.map(lambda a: a[:-1], drop)
+      global_drop = None if drop is None else jax.tree.map(lambda a: a[-1], drop)
+      x, _ = jax.lax.scan(window_step, x, (window_group, window_drop))
+      return run_global(global_block, x, global_drop), None
+
+    x, _ = jax.lax.scan(group_step, x, (window_params, global_params, drops))
     return run_sequential(self.neck, x)

@@ -28,6 +28,7 @@ class MLP(nnx.Module):
 
 
 class MaskDecoder(nnx.Module):
+  """Prompt tokens + image embedding -> mask logits and IoU predictions (official ``MaskDecoder``)."""
 
   def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs):
     dim, dtype = cfg.prompt_embed_dim, cfg.compute_dtype
@@ -50,12 +51,15 @@ class MaskDecoder(nnx.Module):
                                    cfg.iou_head_depth, dtype=dtype, rngs=rngs)
 
   def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
-               multimask_output: bool, token_mask=None) -> tuple[jax.Array, jax.Array]:
+               multimask_output: bool | str, token_mask=None, drop=None
+               ) -> tuple[jax.Array, jax.Array]:
     """Mask logits (B, C, 4g, 4g) and IoU predictions (B, C): C = 3 (mask tokens 1..3) for
-    multimask output, else 1 (token 0), as the official decoder.
+    multimask output, else 1 (token 0), as the official decoder; ``multimask_output='all'`` gives
+    all four (training picks per mask).
 
     image_embeddings (1 or B, g, g, C), image_pe (1, g, g, C), sparse (B, N, C), dense (B, g, g, C),
-    token_mask (B, N) bool or None (False: a padding slot, left out of attention).
+    token_mask (B, N) bool or None (False: a padding slot, left out of attention); drop: (key,
+    rate) for the transformer's dropout in training.
     """
     b = sparse_prompt_embeddings.shape[0]
     output_tokens = jnp.concatenate([self.iou_token.weight[...], self.mask_tokens.weight[...]])
@@ -65,7 +69,7 @@ class MaskDecoder(nnx.Module):
       token_mask = jnp.concatenate([jnp.ones((b, output_tokens.shape[1]), bool), token_mask], 1)
     src = image_embeddings + dense_prompt_embeddings  # (B, g, g, C)
     g = src.shape[1]
-    hs, src = self.transformer(src, image_pe, tokens, token_mask)
+    hs, src = self.transformer(src, image_pe, tokens, token_mask, drop)
     iou_token_out = hs[:, 0]
     mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
     # output_upscaling (ConvT, LN, GELU, ConvT, GELU), kept in 2x2-block layout until the masks:
@@ -73,7 +77,10 @@ class MaskDecoder(nnx.Module):
     # channels at the end is cheaper than interleaving the 64- and 32-channel features.
     conv1, norm, act1, conv2, act2 = self.output_upscaling
     upscaled = act2(conv2(act1(norm(conv1(src.reshape(b, g, g, -1))))))  # (B, g, g, 2, 2, 2, 2, C/8)
-    chosen = range(1, self.num_mask_tokens) if multimask_output else range(1)
+    if multimask_output == 'all':
+      chosen = range(self.num_mask_tokens)
+    else:
+      chosen = range(1, self.num_mask_tokens) if multimask_output else range(1)
     hyper_in = jnp.stack(
         [self.output_hypernetworks_mlps[i](mask_tokens_out[:, i]) for i in chosen],
         axis=1)  # (B, M, dim/8)

@@ -12,6 +12,16 @@ from flax import nnx
 from sam_jax.modeling.layers import LayerNorm, Linear, MLPBlock
 
 
+def dropout(x: jax.Array, drop: tuple[jax.Array, float] | None, index: int) -> jax.Array:
+  """Inverted dropout of a residual branch in training; ``drop`` = (key, rate), None at inference.
+  ``index`` names the branch, so every branch draws its own mask from the one key."""
+  if drop is None:
+    return x
+  key, rate = drop
+  keep = jax.random.bernoulli(jax.random.fold_in(key, index), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
 class Attention(nnx.Module):
   """Attention with q/k/v projections to ``dim // downsample_rate`` (official names)."""
 
@@ -44,6 +54,7 @@ class Attention(nnx.Module):
 
 
 class TwoWayAttentionBlock(nnx.Module):
+  """Self-attention of the tokens, then cross-attention both ways (tokens -> image, image -> tokens)."""
 
   def __init__(self, dim: int, num_heads: int, mlp_dim: int, downsample_rate: int,
                skip_first_layer_pe: bool, *, dtype, rngs):
@@ -59,24 +70,26 @@ class TwoWayAttentionBlock(nnx.Module):
                                                rngs=rngs)
     self.skip_first_layer_pe = skip_first_layer_pe
 
-  def __call__(self, queries, keys, query_pe, key_pe, token_mask):
+  def __call__(self, queries, keys, query_pe, key_pe, token_mask, drop=None):
     if self.skip_first_layer_pe:
-      queries = self.self_attn(queries, queries, queries, token_mask)
+      queries = dropout(self.self_attn(queries, queries, queries, token_mask), drop, 0)
     else:
       q = queries + query_pe
-      queries = queries + self.self_attn(q, q, queries, token_mask)
+      queries = queries + dropout(self.self_attn(q, q, queries, token_mask), drop, 0)
     queries = self.norm1(queries)
     q = queries + query_pe
     k = keys + key_pe
-    queries = self.norm2(queries + self.cross_attn_token_to_image(q, k, keys))
-    queries = self.norm3(queries + self.mlp(queries))
+    queries = self.norm2(queries + dropout(self.cross_attn_token_to_image(q, k, keys), drop, 1))
+    queries = self.norm3(queries + dropout(self.mlp(queries), drop, 2))
     q = queries + query_pe
     k = keys + key_pe
-    keys = self.norm4(keys + self.cross_attn_image_to_token(k, q, queries, token_mask))
+    keys = self.norm4(keys + dropout(self.cross_attn_image_to_token(k, q, queries, token_mask),
+                                     drop, 3))
     return queries, keys
 
 
 class TwoWayTransformer(nnx.Module):
+  """``depth`` two-way blocks and a last token -> image attention (official ``TwoWayTransformer``)."""
 
   def __init__(self, depth: int, dim: int, num_heads: int, mlp_dim: int,
                attention_downsample_rate: int = 2, *, dtype, rngs):
@@ -88,8 +101,9 @@ class TwoWayTransformer(nnx.Module):
                                                dtype=dtype, rngs=rngs)
     self.norm_final_attn = LayerNorm(dim, eps=1e-5, dtype=dtype)
 
-  def __call__(self, image_embedding, image_pe, point_embedding, token_mask=None):
-    """image_embedding / image_pe (B, H, W, C), point_embedding (B, N, C), token_mask (B, N).
+  def __call__(self, image_embedding, image_pe, point_embedding, token_mask=None, drop=None):
+    """image_embedding / image_pe (B, H, W, C), point_embedding (B, N, C), token_mask (B, N);
+    drop: (key, rate) for dropout on every residual branch in training, None at inference.
 
     Returns the processed tokens (B, N, C) and image keys (B, H * W, C).
     """
@@ -97,9 +111,11 @@ class TwoWayTransformer(nnx.Module):
     keys = image_embedding.reshape(b, h * w, c)
     key_pe = jnp.broadcast_to(image_pe, image_embedding.shape).reshape(b, h * w, c)
     queries = point_embedding
-    for layer in self.layers:
-      queries, keys = layer(queries, keys, point_embedding, key_pe, token_mask)
+    for i, layer in enumerate(self.layers):
+      layer_drop = None if drop is None else (jax.random.fold_in(drop[0], i), drop[1])
+      queries, keys = layer(queries, keys, point_embedding, key_pe, token_mask, layer_drop)
     q = queries + point_embedding
     k = keys + key_pe
-    queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
+    queries = self.norm_final_attn(
+        queries + dropout(self.final_attn_token_to_image(q, k, keys), drop, len(self.layers) + 4))
     return queries, keys

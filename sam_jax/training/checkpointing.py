@@ -1,0 +1,88 @@
+"""Training checkpoints: an orbax ``CheckpointManager`` in ``<workdir>/checkpoints``.
+
+Each step directory holds two items: ``state`` (the whole train state: step, trainable params,
+frozen rest, optimizer state, RNG) and ``data`` (the input pipeline's position, JSON). Saves are
+asynchronous (the arrays are copied to host before ``save`` returns, so the next step may donate
+them); a save is also made when the cluster announces a preemption (``reached_preemption``).
+``<workdir>/sam_config.json`` records the model configuration, so ``sam_model_registry[variant](
+checkpoint=workdir)`` loads the latest parameters, on one device, whatever mesh wrote them.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sam_jax.checkpoints import orbax_io
+from sam_jax.modeling.config import SamConfig
+
+CHECKPOINTS_DIR = 'checkpoints'
+
+
+def write_model_config(workdir: str | os.PathLike, cfg: SamConfig, trainable: str) -> None:
+  path = Path(workdir) / orbax_io.CONFIG_FILE
+  path.write_text(json.dumps({'model': cfg.to_dict(), 'format': 1, 'training': True,
+                              'trainable': trainable}, indent=1))
+
+
+def is_training_workdir(path: str | os.PathLike) -> bool:
+  return (Path(path) / CHECKPOINTS_DIR).is_dir() and (Path(path) / orbax_io.CONFIG_FILE).is_file()
+
+
+class Checkpointer:
+  """Saves and restores (train state, input position) every ``every_steps`` steps."""
+
+  def __init__(self, workdir: str | os.PathLike, every_steps: int, keep: int,
+               async_save: bool = True):
+    self.every_steps = every_steps
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(os.path.join(os.fspath(workdir), CHECKPOINTS_DIR),
+                                         options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+    """(state with ``abstract_state``'s shardings, input pipeline state) of ``step``."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored['state'], restored['data']
+
+  def should_save(self, step: int, last: bool = False) -> bool:
+    return last or step % self.every_steps == 0 or self.manager.reached_preemption(step)
+
+  def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),
+                                                    data=ocp.args.JsonSave(data_state)),
+                      force=True)
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def load_model_state(workdir: str | os.PathLike, abstract_state: nnx.State) -> nnx.State:
+  """The latest checkpoint's parameters of a training workdir as a Sam model's whole state, on
+  the default device (whatever mesh wrote them)."""
+  from sam_jax.training.train_step import TRAINABLE
+  workdir = Path(workdir).absolute()
+  trainable = json.loads((workdir / orbax_io.CONFIG_FILE).read_text()).get('trainable', 'all')
+  with ocp.CheckpointManager(workdir / CHECKPOINTS_DIR,
+                             options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'training workdir {workdir} has no checkpoint yet')
+    params, frozen = nnx.split_state(abstract_state, TRAINABLE[trainable], ...)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    as_target = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+    target = {'params': as_target(params), 'frozen': as_target(frozen)}
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(target, partial_restore=True)))['state']
+  return nnx.merge_state(restored['params'], restored['frozen'])

@@ -1,0 +1,61 @@
+"""The defaults every training config starts from (``configs/*.py`` override them).
+
+Numbers are the SAM paper's (Appendix A) unless a comment says otherwise; see
+``shared/reference/sam-recipe.md``. Every field can be set from the command line:
+``python train.py --config=configs/sam_vit_b.py --config.optimizer.learning_rate=1e-4``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from sam_jax.data.config import InputConfig
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = 'vit_b'                 # a sam_jax VARIANTS name
+  c.model_dtype = 'bfloat16'        # compute dtype; parameters and optimizer state stay float32
+  c.init_checkpoint = ''            # official .pth / HF safetensors / orbax dir / training workdir
+  c.trainable = 'all'               # 'all' | 'decoder' (prompt encoder + mask decoder only)
+  c.seed = 0                        # parameters, dropout, prompt simulation (data: data.seed)
+
+  c.data = ml_collections.ConfigDict(dataclasses.asdict(InputConfig()))  # per-process batch
+  c.data.dataset = 'sa1b'
+  c.data.batch_size = 1             # images per process; the global batch is this x processes
+  c.data.normalize = False          # uint8 to the device (4x less host -> device), normalised there
+  c.eval_data = ml_collections.ConfigDict()  # overrides of `data` for held-out evaluation
+  c.eval_data.split = 'validation'
+  c.eval_data.num_epochs = 1
+  c.eval_data.shuffle = False
+  c.eval_data.point_probability = 1.0  # evaluation starts every mask from one point
+
+  c.num_steps = 90_000
+  c.num_rounds = 11                 # 1 first prompt + 8 sampled points + 2 rounds without
+  c.eval_rounds = 9                 # clicks in evaluation (mIoU at 1 .. eval_rounds points)
+  c.loss = ml_collections.ConfigDict(dict(focal_weight=20.0, dice_weight=1.0, iou_weight=1.0))
+  c.drop_path_rate = 0.4            # the released code has none
+  c.decoder_dropout = 0.1           # the released code has none
+  c.remat = 'block'                 # encoder remat policy (image_encoder.REMAT_POLICIES)
+  c.round_remat = True              # recompute each prompt round's decoder in the backward pass
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=8e-4, warmup_steps=250, decay_steps=(60_000, 86_666), decay_factor=0.1,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, layer_decay=0.8,
+      grad_clip_norm=0.0,           # 0: no clipping
+      grad_accum_steps=1))          # micro-batches per update (global batch x this per update)
+  c.on_nonfinite = 'stop'           # 'stop': end the run naming the step, keeping the last good
+                                    # checkpoint; 'skip': keep the old parameters for that step
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest
+  c.sharding_rules = ()             # extra (logical axis, mesh axes) rules before the defaults
+
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+  c.log_every_steps = 50
+  c.eval_every_steps = 0            # 0: evaluate only at the end
+  c.eval_max_batches = 0            # 0: the whole evaluation split
+  c.peak_tflops = 0.0               # per device, for MFU; 0: guessed from the device kind
+  return c

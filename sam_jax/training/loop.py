@@ -1,0 +1,288 @@
+"""``train_and_evaluate(config, workdir)``: the training run, in sections (big_vision style).
+
+  mesh -> model shapes (abstract, nothing materialised) -> shardings -> optimizer -> state
+  (resume order: the workdir's latest checkpoint, else ``config.init_checkpoint``, else scratch)
+  -> input pipeline (this process's shard, resumed position) -> compile (memory logged) -> loop
+  (metrics, checkpoints, preemption, non-finite stop) -> held-out evaluation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from sam_jax import sharding
+from sam_jax.data import pipeline as pipeline_lib
+from sam_jax.data import sources
+from sam_jax.data.config import InputConfig
+from sam_jax.modeling.config import VARIANTS, SamConfig
+from sam_jax.modeling.sam import Sam
+from sam_jax.training import checkpointing, metrics as metrics_lib, optimizer, train_step
+
+log = logging.getLogger('sam_jax.train')
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or the gradients became NaN / inf (``config.on_nonfinite='stop'``)."""
+
+
+def model_config(config: ml_collections.ConfigDict) -> SamConfig:
+  if config.model not in VARIANTS:
+    raise ValueError(f'config.model {config.model!r}: choose one of {sorted(VARIANTS)}')
+  cfg = VARIANTS[config.model].replace(dtype=config.model_dtype)
+  if cfg.image_size != config.data.image_size:
+    raise ValueError(f'config.data.image_size {config.data.image_size} differs from the model\'s '
+                     f'input size {cfg.image_size} ({config.model})')
+  return cfg
+
+
+def input_config(config: ml_collections.ConfigDict, eval_split: bool = False) -> InputConfig:
+  d = config.data.to_dict()
+  if eval_split:
+    d.update(config.eval_data.to_dict())
+  return InputConfig(**d)
+
+
+def ensure_dataset(cfg: InputConfig) -> None:
+  """Builds the synthetic dataset on first use (no download); other datasets must be built."""
+  name, sub = sources.split_name(cfg.dataset)
+  if name != 'synthetic_shapes':
+    return
+  try:
+    sources.version_dir(cfg.dataset, cfg.data_dir)
+  except Exception:  # noqa: BLE001 - not built yet
+    from sam_jax.data import build
+    log.info('building %s in %s (first use)', cfg.dataset, cfg.data_dir or 'the default dir')
+    build.build('synthetic_shapes', cfg.data_dir, config=sub or 'default')
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+  m = config.mesh
+  return sharding.make_mesh(m.data, m.fsdp, m.tensor)
+
+
+def rules(config: ml_collections.ConfigDict) -> sharding.Rules:
+  return tuple(tuple(r) for r in config.sharding_rules) + tuple(sharding.DEFAULT_RULES)
+
+
+def state_shardings(abstract_state: dict[str, Any], mesh, rule_list) -> dict[str, Any]:
+  """NamedShardings of the train state: parameters (and the optimizer moments, which carry the
+  same variables' logical axes) by the rules, everything else replicated."""
+  replicated = NamedSharding(mesh, P())
+
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      axes = x.get_metadata().get('out_sharding') or (None,) * len(x.shape)
+      return x.replace(NamedSharding(mesh, sharding.logical_to_spec(axes, x.shape, mesh,
+                                                                    rule_list)))
+    return replicated
+
+  return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_shardings(spec: dict[str, jax.ShapeDtypeStruct], mesh) -> dict[str, NamedSharding]:
+  """The batch's leading (image) axis over data x fsdp."""
+  return {k: NamedSharding(mesh, P(('data', 'fsdp'))) for k in spec}
+
+
+def global_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]):
+  """This process's images -> global arrays (every process passes its own slice)."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+
+def create_state(config, cfg: SamConfig, tx, mesh, rule_list):
+  """(graphdef, abstract state, state shardings, init fn): parameters are born sharded."""
+  seed = config.seed
+
+  def init():
+    model = Sam(cfg, rngs=nnx.Rngs(seed))
+    _, params, frozen = train_step.split_model(model, config.trainable)
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'frozen': frozen,
+            'opt_state': tx.init(params), 'rng': jax.random.PRNGKey(seed + 1)}
+
+  abstract_model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(seed)))
+  graphdef, _, _ = train_step.split_model(abstract_model, config.trainable)
+  abstract = jax.eval_shape(init)
+  shardings = state_shardings(abstract, mesh, rule_list)
+  return graphdef, abstract, shardings, init
+
+
+def load_initial_weights(path: str, cfg: SamConfig, state, shardings, config, tx):
+  """Replaces the freshly initialised parameters by a checkpoint's (any form the registry
+  reads), placed straight into the state's shardings; the optimizer state starts anew."""
+  from sam_jax.checkpoints import load_state
+  abstract_model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0)))
+  loaded = load_state(path, cfg, nnx.state(abstract_model))
+  params, frozen = nnx.split_state(loaded, train_step.TRAINABLE[config.trainable], ...)
+  params = jax.device_put(params, shardings['params'])
+  frozen = jax.device_put(frozen, shardings['frozen'])
+  opt_state = jax.jit(tx.init, out_shardings=shardings['opt_state'])(params)
+  return dict(state, params=params, frozen=frozen, opt_state=opt_state)
+
+
+def model_flops_per_step(graphdef, config, abstract_state, batch_spec) -> float:
+  """Model FLOPs of one step: 3x the forward's (forward + backward, no recomputation counted),
+  from XLA's cost analysis of the lowered (uncompiled) forward."""
+  def forward(params, frozen, batch):
+    model = nnx.merge(graphdef, params, frozen)
+    out = train_step.forward_rounds(model, batch, jax.random.PRNGKey(0), config, train=True)
+    return out['loss'].sum()
+  cost = jax.jit(forward).lower(abstract_state['params'], abstract_state['frozen'],
+                                batch_spec).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return 3.0 * float((cost or {}).get('flops', float('nan')))
+
+
+def describe_memory(compiled) -> str:
+  m = compiled.memory_analysis()
+  if m is None:
+    return 'memory analysis unavailable'
+  gb = lambda b: f'{b / 2**30:.2f} GiB'
+  return (f'per device: arguments {gb(m.argument_size_in_bytes)}, outputs '
+          f'{gb(m.output_size_in_bytes)}, temporaries {gb(m.temp_size_in_bytes)}, generated code '
+          f'{gb(m.generated_code_size_in_bytes)}')
+
+
+def evaluate(config, graphdef, state, mesh, *, desc: str = 'eval') -> dict[str, Any]:
+  """Held-out mIoU after 1 .. eval_rounds clicks (one-point first prompts, each later point from
+  the error region), over the evaluation split (``config.eval_data``)."""
+  in_cfg = input_config(config, eval_split=True)
+  ensure_dataset(in_cfg)
+  pipe = pipeline_lib.InputPipeline(in_cfg)
+  spec = pipeline_lib.batch_spec(in_cfg, in_cfg.batch_size * jax.process_count())
+  shardings = batch_shardings(spec, mesh)
+  step = jax.jit(train_step.make_eval_step(graphdef, config))
+  total = None
+  n = pipe.num_batches if not config.eval_max_batches else min(pipe.num_batches,
+                                                               config.eval_max_batches)
+  for i, batch in enumerate(tqdm(pipe, total=n, desc=desc, disable=jax.process_index() != 0)):
+    if i >= n:
+      break
+    out = jax.device_get(step(state['params'], state['frozen'], global_batch(batch, shardings)))
+    total = out if total is None else jax.tree.map(np.add, total, out)
+  pipe.close()
+  masks = max(float(total['masks']), 1.0)
+  return {'masks': int(total['masks']),
+          'miou': [round(float(v) / masks, 4) for v in total['iou_confident']],
+          'miou_oracle': [round(float(v) / masks, 4) for v in total['iou_oracle']]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                       ) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming what is there) and evaluates; returns a summary."""
+  workdir = Path(workdir)
+  is_main = jax.process_index() == 0
+  workdir.mkdir(parents=True, exist_ok=True)
+
+  # Mesh and model shapes.
+  mesh = make_mesh(config)
+  rule_list = rules(config)
+  cfg = model_config(config)
+  abstract_model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0)))
+  _, abstract_params, _ = train_step.split_model(abstract_model, config.trainable)
+  tx, schedule = optimizer.make_optimizer(config, abstract_params, cfg)
+  graphdef, abstract_state, shardings, init = create_state(config, cfg, tx, mesh, rule_list)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, shardings)
+  if is_main:
+    checkpointing.write_model_config(workdir, cfg, config.trainable)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=1))
+
+  # Data: this process's share of every global batch.
+  in_cfg = input_config(config)
+  ensure_dataset(in_cfg)
+  pipe = pipeline_lib.InputPipeline(in_cfg)
+  spec = pipeline_lib.batch_spec(in_cfg, in_cfg.batch_size * jax.process_count())
+  b_shardings = batch_shardings(spec, mesh)
+  global_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shardings[k])
+                 for k, v in spec.items()}
+
+  # State: resume, else initial weights, else scratch.
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps,
+                                    config.keep_checkpoints, config.async_checkpointing)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, data_state = ckpt.restore(latest, abstract_state)
+    pipe.set_state(data_state)
+    log.info('resumed from %s at step %d', workdir, latest)
+  else:
+    state = jax.jit(init, out_shardings=shardings)()
+    if config.init_checkpoint:
+      state = load_initial_weights(config.init_checkpoint, cfg, state, shardings, config, tx)
+      log.info('initial weights from %s', config.init_checkpoint)
+  start = int(jax.device_get(state['step']))
+
+  # Compile before step 1.
+  step_fn = train_step.make_train_step(graphdef, config, tx, schedule)
+  t0 = time.perf_counter()
+  compiled = jax.jit(step_fn, in_shardings=(shardings, b_shardings),
+                     out_shardings=(shardings, None), donate_argnums=0
+                     ).lower(abstract_state, global_spec).compile()
+  flops = model_flops_per_step(graphdef, config, abstract_state, global_spec)
+  peak = metrics_lib.peak_flops(override_tflops=config.peak_tflops) * jax.device_count()
+  if is_main:
+    log.info('compiled the train step in %.1f s; %s; %.3g model FLOPs per step',
+             time.perf_counter() - t0, describe_memory(compiled), flops)
+
+  writer = metrics_lib.MetricWriter(workdir / 'tensorboard', active=is_main)
+  bar = tqdm(total=config.num_steps, initial=start, desc='train', disable=not is_main,
+             dynamic_ncols=True)
+  history = []
+  window, window_start = [], time.perf_counter()
+  step = start
+  try:
+    while step < config.num_steps:
+      batch = global_batch(next(pipe), b_shardings)
+      state, m = compiled(state, batch)
+      step += 1
+      m = jax.device_get(m)  # small scalars; also paces the host to the device
+      if not m['finite']:
+        if config.on_nonfinite == 'stop':
+          raise NonFiniteLossError(
+              f'non-finite loss ({float(m["loss"])}) or gradient norm ({float(m["grad_norm"])}) '
+              f'at step {step}; the last good checkpoint is kept in {workdir}')
+        log.warning('step %d: non-finite loss, update skipped', step)
+      window.append(m)
+      bar.update(1)
+      if step % config.log_every_steps == 0 or step == config.num_steps:
+        elapsed = time.perf_counter() - window_start
+        mean = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *window)
+        scalars = metrics_lib.flatten_round_metrics(mean)
+        images = float(np.sum([w['images'] for w in window]))
+        scalars.update({'images_per_s': images / elapsed,
+                        'mfu': flops * len(window) / elapsed / peak,
+                        **{f'data/{k}': v for k, v in pipe.metrics().items()}})
+        writer.scalars(step, scalars)
+        bar.set_postfix(loss=f'{scalars["loss"]:.3f}',
+                        iou=f'{scalars["round_00/iou_confident"]:.3f}')
+        history.append({'step': step, **{k: round(v, 5) for k, v in scalars.items()}})
+        window, window_start = [], time.perf_counter()
+      if ckpt.should_save(step, last=step == config.num_steps):
+        ckpt.save(step, state, pipe.get_state())
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.num_steps:
+        result = evaluate(config, graphdef, state, mesh)
+        writer.scalars(step, {f'eval/miou_{i + 1}_points': v for i, v in enumerate(result['miou'])})
+  finally:
+    bar.close()
+    ckpt.close()
+    pipe.close()
+
+  result = evaluate(config, graphdef, state, mesh)
+  writer.scalars(step, {f'eval/miou_{i + 1}_points': v for i, v in enumerate(result['miou'])})
+  writer.close()
+  summary = {'steps': step, 'eval': result, 'history': history,
+             'model_flops_per_step': flops}
+  if is_main:
+    (workdir / 'summary.json').write_text(json.dumps(summary, indent=1))
+  return summary

@@ -1,0 +1,64 @@
+"""Training metrics: TensorBoard event files (through ``tf.summary``) and model FLOP utilisation."""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+
+# Dense peak FLOP/s per device for MFU, by device kind (bf16 on accelerators; the CPU figure is
+# what XLA reaches in f32 on this project's 2-core machine, see DESIGN.md).
+PEAK_FLOPS = {
+    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'TPU v5p': 459e12, 'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12, 'TPU v4': 275e12, 'TPU v6 lite': 918e12, 'cpu': 165e9,
+}
+
+
+def peak_flops(device: jax.Device | None = None, override_tflops: float = 0.0) -> float:
+  """Peak FLOP/s of one device: ``override_tflops`` if set, else from the device kind."""
+  if override_tflops:
+    return override_tflops * 1e12
+  device = device or jax.devices()[0]
+  kind = device.device_kind if device.platform != 'cpu' else 'cpu'
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return float('nan')
+
+
+class MetricWriter:
+  """Scalars to TensorBoard event files under ``logdir``; a no-op on processes other than 0."""
+
+  def __init__(self, logdir: str | os.PathLike, active: bool = True):
+    self._writer = None
+    if active:
+      import tensorflow as tf  # the data extra; TensorBoard's file format
+      self._tf = tf
+      self._writer = tf.summary.create_file_writer(os.fspath(logdir))
+
+  def scalars(self, step: int, values: Mapping[str, float]) -> None:
+    if self._writer is None:
+      return
+    with self._writer.as_default(step=step):
+      for k, v in values.items():
+        self._tf.summary.scalar(k, float(v))
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def flatten_round_metrics(metrics: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """{'round/loss': (R,) ...} -> {'round_00/loss': ..., 'loss/first': ...}: one scalar each."""
+  out = {}
+  for k, v in metrics.items():
+    v = np.asarray(v)
+    if k.startswith('round/') and v.ndim == 1:
+      name = k.split('/', 1)[1]
+      for r, x in enumerate(v):
+        out[f'round_{r:02d}/{name}'] = float(x)
+    elif v.ndim == 0:
+      out[k] = float(v)
+  return out

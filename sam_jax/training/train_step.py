@@ -1,0 +1,145 @@
+"""SAM's train step, from a batch of the input pipeline to the parameter update, in one place.
+
+  batch (B images, M masks each; layout in ``sam_jax/data/pipeline.py``)
+  -> image encoder, once per image (drop path, remat policy)        -> (B, g, g, C)
+  -> the embedding of each image repeated for its M masks            -> (N = B * M, g, g, C)
+  -> 11 rounds of prompt encoder + mask decoder (``prompt_rounds``)  -> per round, per mask losses
+  -> loss = mean over rounds of the mean over valid masks of
+            20 * focal + dice (best allowed output) + IoU-head MSE
+  -> gradients of the trainable parameters only -> optax update (AdamW, layer decay, schedule)
+
+The state is a dict of pytrees, the unit of sharding, donation and checkpointing:
+  step ()         int32
+  params          nnx.State of the trainable parameters (``config.trainable``)
+  frozen          nnx.State of everything else (frozen parameters, buffers): no gradient, no
+                  optimizer state
+  opt_state       optax state of ``params`` (same logical axes, same shardings)
+  rng             a PRNG key; the step's key is ``fold_in(rng, step)``, so a resumed run draws
+                  exactly what the uninterrupted one would
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from sam_jax.modeling.config import PIXEL_MEAN, PIXEL_STD
+from sam_jax.training import prompt_rounds
+
+State = dict[str, Any]
+
+# What `config.trainable` may say: everything, or the prompt encoder + mask decoder (the usual
+# domain fine-tune; the encoder then runs without gradients).
+TRAINABLE = {
+    'all': nnx.Param,
+    'decoder': nnx.All(nnx.Param, lambda path, _: path[0] != 'image_encoder'),
+}
+ROUND_TERMS = ('loss', 'focal', 'dice', 'iou_mse', 'iou', 'iou_confident')
+
+
+def split_model(model: nnx.Module, trainable: str):
+  """(graphdef, trainable params, frozen rest) of a Sam model."""
+  if trainable not in TRAINABLE:
+    raise ValueError(f'config.trainable {trainable!r}: choose one of {sorted(TRAINABLE)}')
+  return nnx.split(model, TRAINABLE[trainable], ...)
+
+
+def prepare_images(images: jax.Array) -> jax.Array:
+  """Pipeline images -> model input: uint8 (``normalize=False``) is normalised here, on device.
+  The padding stays zero after normalising, as in the official preprocess."""
+  if images.dtype != jnp.uint8:
+    return images
+  x = (images.astype(jnp.float32) - jnp.array(PIXEL_MEAN)) / jnp.array(PIXEL_STD)
+  return jnp.where((images == 0).all(-1, keepdims=True), 0.0, x)
+
+
+def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
+                   config: ml_collections.ConfigDict, *, train: bool) -> dict[str, jax.Array]:
+  """The encoder once per image, then the prompt rounds over every mask: (R, N) terms."""
+  cfg = model.config
+  k_encoder, k_rounds = jax.random.split(key)
+  encoder_trainable = config.trainable == 'all'
+  emb = model.image_encoder(prepare_images(batch['image']),
+                            drop_path_rate=config.drop_path_rate if train else 0.0,
+                            rng=k_encoder, remat=config.remat if train else 'none')
+  if not (train and encoder_trainable):
+    emb = jax.lax.stop_gradient(emb)
+  b, m = batch['mask_valid'].shape
+  emb = jnp.repeat(emb, m, axis=0)  # (B * M, g, g, C): image i's embedding for each of its masks
+  image_pe = model.prompt_encoder.get_dense_pe()
+  rate = config.decoder_dropout if train else 0.0
+
+  def decode(coords, labels, mask_input, k):
+    return model.decode(emb, coords, labels, mask_input, multimask_output='all',
+                        image_pe=image_pe, drop=(k, rate) if rate else None)
+
+  low = cfg.low_res_size
+  region = jnp.repeat(prompt_rounds.image_region(batch['input_size'], low, cfg.image_size), m, 0)
+  return prompt_rounds.simulate(
+      decode, k_rounds, batch['prompt_coords'].reshape(b * m, 2, 2),
+      batch['prompt_labels'].reshape(b * m, 2), batch['masks'].reshape(b * m, low, low), region,
+      image_size=cfg.image_size, num_rounds=config.num_rounds if train else config.eval_rounds,
+      loss_weights=dict(config.loss), remat=config.round_remat and train,
+      every_round_adds_point=not train)
+
+
+def mean_over_valid(per_mask: jax.Array, valid: jax.Array) -> jax.Array:
+  """(R, N) per-mask values, (N,) validity -> (R,) means over the valid masks."""
+  w = valid.astype(jnp.float32)
+  return (per_mask * w).sum(-1) / jnp.maximum(w.sum(), 1.0)
+
+
+def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable[[State, dict], tuple[State, dict]]:
+  """train_step(state, batch) -> (state, metrics): pure, to be jitted with donated state."""
+
+  def loss_fn(params, frozen, batch, key):
+    model = nnx.merge(graphdef, params, frozen)
+    out = forward_rounds(model, batch, key, config, train=True)
+    valid = batch['mask_valid'].reshape(-1)
+    per_round = {k: mean_over_valid(out[k], valid) for k in ROUND_TERMS}  # (R,) each
+    return per_round['loss'].mean(), per_round
+
+  def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
+    step = state['step']
+    key = jax.random.fold_in(state['rng'], step)
+    (loss, per_round), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'], state['frozen'], batch, key)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if config.on_nonfinite == 'skip':  # keep the old parameters and optimizer state
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      params, opt_state = keep(params, state['params']), keep(opt_state, state['opt_state'])
+    accum = config.optimizer.get('grad_accum_steps', 1)
+    metrics = {
+        'loss': loss, 'finite': finite, 'grad_norm': grad_norm,
+        'update_norm': optax.global_norm(updates), 'param_norm': optax.global_norm(params),
+        'learning_rate': schedule(step // accum),
+        'masks': batch['mask_valid'].sum(), 'images': (batch['image_id'] >= 0).sum(),
+        **{f'round/{k}': v for k, v in per_round.items()},
+    }
+    new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef, config: ml_collections.ConfigDict):
+  """eval_step(params, frozen, batch) -> sums over valid masks of the IoU after each click
+  (most confident and best output), and the mask count: one-point-first prompts, a new
+  error-region point every round, no dropout, a fixed key."""
+
+  def eval_step(params, frozen, batch):
+    model = nnx.merge(graphdef, params, frozen)
+    out = forward_rounds(model, batch, jax.random.PRNGKey(config.seed), config, train=False)
+    w = batch['mask_valid'].reshape(-1).astype(jnp.float32)
+    return {'iou_confident': (out['iou_confident'] * w).sum(-1),  # (R,)
+            'iou_oracle': (out['iou_oracle'] * w).sum(-1), 'masks': w.sum()}
+
+  return eval_step
