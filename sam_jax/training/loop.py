@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -178,15 +179,34 @@ def evaluate(config, graphdef, state, mesh, *, desc: str = 'eval') -> dict[str, 
           'miou_oracle': [round(float(v) / masks, 4) for v in total['iou_oracle']]}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
-                       ) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming what is there) and evaluates; returns a summary."""
-  workdir = Path(workdir)
-  is_main = jax.process_index() == 0
-  workdir.mkdir(parents=True, exist_ok=True)
+@dataclasses.dataclass
+class Training:
+  """Everything a run (or a test) needs to step a model on a mesh, derived from shapes only."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  model_config: SamConfig
+  graphdef: Any
+  tx: Any
+  schedule: Any
+  init: Any                # () -> state, to be jitted with out_shardings=shardings
+  abstract_state: Any      # ShapeDtypeStructs carrying their shardings
+  shardings: Any
+  batch_spec: dict[str, jax.ShapeDtypeStruct]  # the global batch, with its shardings
+  batch_shardings: dict[str, NamedSharding]
 
-  # Mesh and model shapes.
-  mesh = make_mesh(config)
+  def init_state(self):
+    return jax.jit(self.init, out_shardings=self.shardings)()
+
+  def jitted_step(self):
+    """train_step(state, global batch) -> (state, metrics), state donated."""
+    fn = train_step.make_train_step(self.graphdef, self.config, self.tx, self.schedule)
+    return jax.jit(fn, in_shardings=(self.shardings, self.batch_shardings),
+                   out_shardings=(self.shardings, None), donate_argnums=0)
+
+
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Training:
+  """Mesh, model shapes, optimizer and shardings of ``config`` (nothing materialised)."""
+  mesh = mesh or make_mesh(config)
   rule_list = rules(config)
   cfg = model_config(config)
   abstract_model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0)))
@@ -195,6 +215,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   graphdef, abstract_state, shardings, init = create_state(config, cfg, tx, mesh, rule_list)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, shardings)
+  in_cfg = input_config(config)
+  spec = pipeline_lib.batch_spec(in_cfg, in_cfg.batch_size * jax.process_count())
+  b_shardings = batch_shardings(spec, mesh)
+  global_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shardings[k])
+                 for k, v in spec.items()}
+  return Training(config, mesh, cfg, graphdef, tx, schedule, init, abstract_state, shardings,
+                  global_spec, b_shardings)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                       ) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming what is there) and evaluates; returns a summary."""
+  workdir = Path(workdir)
+  is_main = jax.process_index() == 0
+  workdir.mkdir(parents=True, exist_ok=True)
+  t = setup(config)
+  mesh, cfg, graphdef, shardings = t.mesh, t.model_config, t.graphdef, t.shardings
+  abstract_state, b_shardings = t.abstract_state, t.batch_shardings
   if is_main:
     checkpointing.write_model_config(workdir, cfg, config.trainable)
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=1))
@@ -203,10 +241,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   in_cfg = input_config(config)
   ensure_dataset(in_cfg)
   pipe = pipeline_lib.InputPipeline(in_cfg)
-  spec = pipeline_lib.batch_spec(in_cfg, in_cfg.batch_size * jax.process_count())
-  b_shardings = batch_shardings(spec, mesh)
-  global_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shardings[k])
-                 for k, v in spec.items()}
 
   # State: resume, else initial weights, else scratch.
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps,
@@ -217,19 +251,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     pipe.set_state(data_state)
     log.info('resumed from %s at step %d', workdir, latest)
   else:
-    state = jax.jit(init, out_shardings=shardings)()
+    state = t.init_state()
     if config.init_checkpoint:
-      state = load_initial_weights(config.init_checkpoint, cfg, state, shardings, config, tx)
+      state = load_initial_weights(config.init_checkpoint, cfg, state, shardings, config, t.tx)
       log.info('initial weights from %s', config.init_checkpoint)
   start = int(jax.device_get(state['step']))
 
   # Compile before step 1.
-  step_fn = train_step.make_train_step(graphdef, config, tx, schedule)
   t0 = time.perf_counter()
-  compiled = jax.jit(step_fn, in_shardings=(shardings, b_shardings),
-                     out_shardings=(shardings, None), donate_argnums=0
-                     ).lower(abstract_state, global_spec).compile()
-  flops = model_flops_per_step(graphdef, config, abstract_state, global_spec)
+  compiled = t.jitted_step().lower(abstract_state, t.batch_spec).compile()
+  flops = model_flops_per_step(graphdef, config, abstract_state, t.batch_spec)
   peak = metrics_lib.peak_flops(override_tflops=config.peak_tflops) * jax.device_count()
   if is_main:
     log.info('compiled the train step in %.1f s; %s; %.3g model FLOPs per step',
