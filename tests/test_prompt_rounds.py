@@ -25,6 +25,7 @@ def _cells(coords, image_size, low):
 # sample_error_points
 
 N, LOW, IMG = 16, 32, 128
+sample_fn = jax.jit(pr.sample_error_points, static_argnums=4)
 
 
 def _random_case(seed=0):
@@ -56,9 +57,8 @@ def test_sample_error_points_in_error_region_with_right_labels():
   fn = targets & ~pred
   fp = pred & ~targets
   error = (fn | fp) & region
-  f = jax.jit(pr.sample_error_points, static_argnums=4)
   for seed in range(3):
-    coords, labels = f(jax.random.PRNGKey(seed), jnp.asarray(logits), jnp.asarray(targets),
+    coords, labels = sample_fn(jax.random.PRNGKey(seed), jnp.asarray(logits), jnp.asarray(targets),
                        jnp.asarray(region), IMG)
     coords, labels = np.asarray(coords), np.asarray(labels)
     assert coords.shape == (N, 2) and labels.shape == (N,)
@@ -77,9 +77,9 @@ def test_sample_error_points_in_error_region_with_right_labels():
 def test_sample_error_points_key_dependence():
   logits, targets, region = _random_case(1)
   args = (jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(region), IMG)
-  c1, l1 = pr.sample_error_points(jax.random.PRNGKey(3), *args)
-  c2, l2 = pr.sample_error_points(jax.random.PRNGKey(3), *args)
-  c3, _ = pr.sample_error_points(jax.random.PRNGKey(4), *args)
+  c1, l1 = sample_fn(jax.random.PRNGKey(3), *args)
+  c2, l2 = sample_fn(jax.random.PRNGKey(3), *args)
+  c3, _ = sample_fn(jax.random.PRNGKey(4), *args)
   np.testing.assert_array_equal(np.asarray(c1), np.asarray(c2))
   np.testing.assert_array_equal(np.asarray(l1), np.asarray(l2))
   assert np.any(np.asarray(c1) != np.asarray(c3))

@@ -8,6 +8,10 @@ from sam_jax.training import losses
 
 ALPHA, GAMMA = 0.25, 2.0
 
+# Jitted once per shape (eager dispatch compiles every primitive separately, which is slower).
+focal_fn = jax.jit(losses.sigmoid_focal_loss, static_argnums=(2, 3))
+sam_loss_fn = jax.jit(losses.sam_loss)  # the weights are traced, so one compile serves all
+
 
 # ---------------------------------------------------------------------------------------------
 # Independent numpy references (float64).
@@ -49,7 +53,7 @@ def test_focal_matches_numpy_random():
   rng = np.random.default_rng(0)
   logits = rng.normal(scale=3.0, size=(3, 5, 8, 8)).astype(np.float32)
   targets = rng.random((3, 5, 8, 8)) < 0.4
-  got = np.asarray(losses.sigmoid_focal_loss(jnp.asarray(logits), jnp.asarray(targets)))
+  got = np.asarray(focal_fn(jnp.asarray(logits), jnp.asarray(targets)))
   assert got.shape == (3, 5)
   np.testing.assert_allclose(got, np_focal(logits, targets), rtol=1e-5, atol=1e-7)
 
@@ -59,7 +63,7 @@ def test_focal_extreme_logits_finite_and_exact():
   logits = rng.choice(np.array([-30.0, -20.0, 20.0, 30.0, -100.0, 100.0], np.float32),
                       size=(4, 6, 6))
   targets = rng.random((4, 6, 6)) < 0.5
-  got = np.asarray(losses.sigmoid_focal_loss(jnp.asarray(logits), jnp.asarray(targets)))
+  got = np.asarray(focal_fn(jnp.asarray(logits), jnp.asarray(targets)))
   assert np.all(np.isfinite(got))
   ref = np_focal(logits, targets)
   np.testing.assert_allclose(got, ref, rtol=1e-5)
@@ -74,7 +78,7 @@ def test_focal_extreme_logits_finite_and_exact():
 def test_focal_gradient_finite_at_extremes():
   x = jnp.array([[[-30.0, 30.0, 0.0, 80.0]]])
   t = jnp.array([[[1, 0, 1, 1]]], bool)
-  g = jax.grad(lambda x: losses.sigmoid_focal_loss(x, t).sum())(x)
+  g = jax.jit(jax.grad(lambda x: losses.sigmoid_focal_loss(x, t).sum()))(x)
   assert np.all(np.isfinite(np.asarray(g)))
 
 
@@ -83,7 +87,7 @@ def test_focal_alpha_gamma_arguments():
   logits = rng.normal(scale=2.0, size=(2, 7, 7)).astype(np.float32)
   targets = rng.random((2, 7, 7)) < 0.5
   for alpha, gamma in [(0.5, 0.0), (0.1, 1.0), (0.9, 3.0)]:
-    got = losses.sigmoid_focal_loss(jnp.asarray(logits), jnp.asarray(targets), alpha, gamma)
+    got = focal_fn(jnp.asarray(logits), jnp.asarray(targets), alpha, gamma)
     np.testing.assert_allclose(np.asarray(got), np_focal(logits, targets, alpha, gamma),
                                rtol=1e-5, atol=1e-7)
 
@@ -164,7 +168,7 @@ def _np_sam_loss(logits, iou_pred, targets, allowed, fw=20.0, dw=1.0, iw=1.0):
 
 def test_sam_loss_matches_numpy_and_ignores_disallowed():
   logits, iou_pred, targets, allowed = _case()
-  out = jax.jit(losses.sam_loss)(jnp.asarray(logits), jnp.asarray(iou_pred),
+  out = sam_loss_fn(jnp.asarray(logits), jnp.asarray(iou_pred),
                                  jnp.asarray(targets), jnp.asarray(allowed))
   out = {k: np.asarray(v) for k, v in out.items()}
   ref = _np_sam_loss(logits, iou_pred, targets, allowed)
@@ -185,8 +189,8 @@ def test_sam_loss_matches_numpy_and_ignores_disallowed():
 def test_sam_loss_weights():
   logits, iou_pred, targets, allowed = _case(seed=6)
   for fw, dw, iw in [(1.0, 0.0, 0.0), (0.0, 1.0, 2.0), (5.0, 3.0, 0.5)]:
-    out = losses.sam_loss(jnp.asarray(logits), jnp.asarray(iou_pred), jnp.asarray(targets),
-                          jnp.asarray(allowed), focal_weight=fw, dice_weight=dw, iou_weight=iw)
+    out = sam_loss_fn(jnp.asarray(logits), jnp.asarray(iou_pred), jnp.asarray(targets),
+                      jnp.asarray(allowed), fw, dw, iw)
     ref = _np_sam_loss(logits, iou_pred, targets, allowed, fw, dw, iw)
     np.testing.assert_array_equal(np.asarray(out['best']), ref['best'])
     np.testing.assert_allclose(np.asarray(out['loss']), ref['loss'], rtol=1e-5, atol=1e-6)
@@ -194,23 +198,23 @@ def test_sam_loss_weights():
 
 def test_sam_loss_single_allowed_output_is_chosen_even_if_worst():
   rng = np.random.default_rng(7)
-  targets = rng.random((2, L, L)) < 0.5
+  targets = rng.random((4, L, L)) < 0.5
   logits = np.stack([np.where(targets, 9.0, -9.0)] * 4, axis=1).astype(np.float32)
   logits[:, 3] = np.where(targets, -9.0, 9.0)  # output 3: completely wrong
-  allowed = np.zeros((2, 4), bool)
+  allowed = np.zeros((4, 4), bool)
   allowed[:, 3] = True
-  out = losses.sam_loss(jnp.asarray(logits), jnp.zeros((2, 4)), jnp.asarray(targets),
-                        jnp.asarray(allowed))
-  np.testing.assert_array_equal(np.asarray(out['best']), [3, 3])
-  np.testing.assert_allclose(np.asarray(out['iou_oracle']), [0.0, 0.0])
-  np.testing.assert_allclose(np.asarray(out['iou_mse']), [0.0, 0.0])
+  out = sam_loss_fn(jnp.asarray(logits), jnp.zeros((4, 4)), jnp.asarray(targets),
+                    jnp.asarray(allowed))
+  np.testing.assert_array_equal(np.asarray(out['best']), [3] * 4)
+  np.testing.assert_allclose(np.asarray(out['iou_oracle']), [0.0] * 4)
+  np.testing.assert_allclose(np.asarray(out['iou_mse']), [0.0] * 4)
 
 
 def test_sam_loss_gradient_only_through_chosen_output():
   logits, iou_pred, targets, allowed = _case(seed=8)
   t, a, ip = jnp.asarray(targets), jnp.asarray(allowed), jnp.asarray(iou_pred)
-  best = np.asarray(losses.sam_loss(jnp.asarray(logits), ip, t, a)['best'])
-  g = jax.grad(lambda lg: losses.sam_loss(lg, ip, t, a, iou_weight=0.0)['loss'].sum())(
+  best = np.asarray(sam_loss_fn(jnp.asarray(logits), ip, t, a)['best'])
+  g = jax.jit(jax.grad(lambda lg: losses.sam_loss(lg, ip, t, a, iou_weight=0.0)['loss'].sum()))(
       jnp.asarray(logits))
   g = np.asarray(g)
   for n in range(4):
@@ -220,10 +224,9 @@ def test_sam_loss_gradient_only_through_chosen_output():
       else:
         assert np.all(g[n, k] == 0), (n, k)
   # The chosen output's gradient is that of 20 * focal + dice alone.
-  for n in range(4):
-    gn = jax.grad(lambda x: 20 * losses.sigmoid_focal_loss(x, t[n]) + losses.dice_loss(x, t[n]))(
-        jnp.asarray(logits[n, best[n]]))
-    np.testing.assert_allclose(g[n, best[n]], np.asarray(gn), rtol=1e-5, atol=1e-9)
+  one = jax.grad(lambda x, tn: 20 * losses.sigmoid_focal_loss(x, tn) + losses.dice_loss(x, tn))
+  gn = jax.jit(jax.vmap(one))(jnp.asarray(logits[np.arange(4), best]), t)
+  np.testing.assert_allclose(g[np.arange(4), best], np.asarray(gn), rtol=1e-5, atol=1e-9)
 
 
 def test_sam_loss_true_iou_is_constant():
@@ -233,7 +236,7 @@ def test_sam_loss_true_iou_is_constant():
   def iou_term(lg, ip):
     return losses.sam_loss(lg, ip, t, a, focal_weight=0.0, dice_weight=0.0)['loss'].sum()
 
-  g_logits, g_pred = jax.grad(iou_term, argnums=(0, 1))(jnp.asarray(logits), jnp.asarray(iou_pred))
+  g_logits, g_pred = jax.jit(jax.grad(iou_term, argnums=(0, 1)))(jnp.asarray(logits), jnp.asarray(iou_pred))
   assert np.all(np.asarray(g_logits) == 0)
   # d/dp mean_allowed (p - iou)^2 = 2 (p - iou) / n_allowed on allowed outputs, 0 elsewhere.
   iou = np_iou(logits, targets[:, None])
@@ -245,8 +248,8 @@ def test_sam_loss_true_iou_is_constant():
 def test_sam_loss_low_precision_logits_computed_in_float32(dtype):
   logits, iou_pred, targets, allowed = _case(seed=10)
   lg = jnp.asarray(logits).astype(dtype)
-  out = losses.sam_loss(lg, jnp.asarray(iou_pred).astype(dtype), jnp.asarray(targets),
-                        jnp.asarray(allowed))
+  out = sam_loss_fn(lg, jnp.asarray(iou_pred).astype(dtype), jnp.asarray(targets),
+                    jnp.asarray(allowed))
   assert out['loss'].dtype == jnp.float32
   ref = _np_sam_loss(np.asarray(lg.astype(jnp.float32)),
                      np.asarray(jnp.asarray(iou_pred).astype(dtype).astype(jnp.float32)),

@@ -40,15 +40,9 @@ import numpy as np
 
 from sam_jax.data import preprocess, sources
 from sam_jax.data.config import InputConfig
+from sam_jax.data.preprocess import batch_spec  # noqa: F401 - part of this module's API
 
 STATE_VERSION = 1
-
-
-def batch_spec(cfg: InputConfig, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of a batch (``batch_size`` images, default ``cfg.batch_size``)."""
-  b = cfg.batch_size if batch_size is None else batch_size
-  return {k: jax.ShapeDtypeStruct((b,) + v.shape, v.dtype)
-          for k, v in preprocess.empty_example(cfg).items()}
 
 
 class ReadAndPreprocess:

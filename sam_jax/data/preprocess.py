@@ -16,6 +16,7 @@ import logging
 import threading
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -62,6 +63,13 @@ def pad_image(resized: np.ndarray, cfg: InputConfig) -> np.ndarray:
   out = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
   out[:resized.shape[0], :resized.shape[1]] = resized
   return out
+
+
+def batch_spec(cfg: InputConfig, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of a batch (``batch_size`` images, default ``cfg.batch_size``)."""
+  b = cfg.batch_size if batch_size is None else batch_size
+  return {k: jax.ShapeDtypeStruct((b,) + v.shape, v.dtype)
+          for k, v in empty_example(cfg).items()}
 
 
 def empty_example(cfg: InputConfig) -> dict[str, np.ndarray]:

@@ -24,8 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from sam_jax import sharding
-from sam_jax.data import pipeline as pipeline_lib
-from sam_jax.data import sources
+from sam_jax.data import preprocess
 from sam_jax.data.config import InputConfig
 from sam_jax.modeling.config import VARIANTS, SamConfig
 from sam_jax.modeling.sam import Sam
@@ -55,8 +54,17 @@ def input_config(config: ml_collections.ConfigDict, eval_split: bool = False) ->
   return InputConfig(**d)
 
 
+def open_pipeline(cfg: InputConfig):
+  """This process's input pipeline; the synthetic dataset is built on first use (no download).
+  (The data extra is imported here, so that ``setup`` runs without it, e.g. in benchmarks.)"""
+  from sam_jax.data import pipeline
+  ensure_dataset(cfg)
+  return pipeline.InputPipeline(cfg)
+
+
 def ensure_dataset(cfg: InputConfig) -> None:
   """Builds the synthetic dataset on first use (no download); other datasets must be built."""
+  from sam_jax.data import sources
   name, sub = sources.split_name(cfg.dataset)
   if name != 'synthetic_shapes':
     return
@@ -90,6 +98,11 @@ def state_shardings(abstract_state: dict[str, Any], mesh, rule_list) -> dict[str
     return replicated
 
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def global_batch_spec(cfg: InputConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of the global batch: every process's ``batch_size`` images."""
+  return preprocess.batch_spec(cfg, cfg.batch_size * jax.process_count())
 
 
 def batch_shardings(spec: dict[str, jax.ShapeDtypeStruct], mesh) -> dict[str, NamedSharding]:
@@ -159,10 +172,8 @@ def evaluate(config, graphdef, state, mesh, *, desc: str = 'eval') -> dict[str, 
   """Held-out mIoU after 1 .. eval_rounds clicks (one-point first prompts, each later point from
   the error region), over the evaluation split (``config.eval_data``)."""
   in_cfg = input_config(config, eval_split=True)
-  ensure_dataset(in_cfg)
-  pipe = pipeline_lib.InputPipeline(in_cfg)
-  spec = pipeline_lib.batch_spec(in_cfg, in_cfg.batch_size * jax.process_count())
-  shardings = batch_shardings(spec, mesh)
+  pipe = open_pipeline(in_cfg)
+  shardings = batch_shardings(global_batch_spec(in_cfg), mesh)
   step = jax.jit(train_step.make_eval_step(graphdef, config))
   total = None
   n = pipe.num_batches if not config.eval_max_batches else min(pipe.num_batches,
@@ -215,8 +226,7 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   graphdef, abstract_state, shardings, init = create_state(config, cfg, tx, mesh, rule_list)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, shardings)
-  in_cfg = input_config(config)
-  spec = pipeline_lib.batch_spec(in_cfg, in_cfg.batch_size * jax.process_count())
+  spec = global_batch_spec(input_config(config))
   b_shardings = batch_shardings(spec, mesh)
   global_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shardings[k])
                  for k, v in spec.items()}
@@ -238,9 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=1))
 
   # Data: this process's share of every global batch.
-  in_cfg = input_config(config)
-  ensure_dataset(in_cfg)
-  pipe = pipeline_lib.InputPipeline(in_cfg)
+  pipe = open_pipeline(input_config(config))
 
   # State: resume, else initial weights, else scratch.
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps,
