@@ -106,7 +106,7 @@ def main(argv=None) -> int:
   step = t.jitted_step().lower(t.abstract_state, t.batch_spec).compile()
   compile_s = time.perf_counter() - t0
   mem = step.memory_analysis()
-  flops = loop.model_flops_per_step(t.graphdef, config, t.abstract_state, t.batch_spec)
+  flops = loop.model_flops_per_step(t)
   state = t.init_state()
   batch = loop.global_batch(synthetic_batch(t.batch_spec), t.batch_shardings)
   for _ in range(2):  # warm up; the state is donated, so thread it through
@@ -132,9 +132,7 @@ def main(argv=None) -> int:
 
   enc = jax.jit(jax.grad(encoder_loss)).lower(params, frozen, images).compile()
   enc_s = timed(enc, params, frozen, images, repeats=args.repeats)
-  enc_cost = jax.jit(encoder_loss).lower(params, frozen, images).cost_analysis()
-  enc_cost = enc_cost[0] if isinstance(enc_cost, (list, tuple)) else enc_cost
-  enc_flops = 3.0 * float((enc_cost or {}).get('flops', float('nan')))
+  enc_flops = 3.0 * metrics.encoder_flops(t.model_config) * images.shape[0]
   peak, peak_kind = peak_memory_bytes()
 
   n_dev = jax.device_count()

@@ -28,7 +28,8 @@ from sam_jax.data import preprocess
 from sam_jax.data.config import InputConfig
 from sam_jax.modeling.config import VARIANTS, SamConfig
 from sam_jax.modeling.sam import Sam
-from sam_jax.training import checkpointing, metrics as metrics_lib, optimizer, train_step
+from sam_jax.training import (checkpointing, losses, metrics as metrics_lib, optimizer,
+                              prompt_rounds, train_step)
 
 log = logging.getLogger('sam_jax.train')
 
@@ -145,17 +146,34 @@ def load_initial_weights(path: str, cfg: SamConfig, state, shardings, config, tx
   return dict(state, params=params, frozen=frozen, opt_state=opt_state)
 
 
-def model_flops_per_step(graphdef, config, abstract_state, batch_spec) -> float:
-  """Model FLOPs of one step: 3x the forward's (forward + backward, no recomputation counted),
-  from XLA's cost analysis of the lowered (uncompiled) forward."""
-  def forward(params, frozen, batch):
-    model = nnx.merge(graphdef, params, frozen)
-    out = train_step.forward_rounds(model, batch, jax.random.PRNGKey(0), config, train=True)
-    return out['loss'].sum()
-  cost = jax.jit(forward).lower(abstract_state['params'], abstract_state['frozen'],
-                                batch_spec).cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return 3.0 * float((cost or {}).get('flops', float('nan')))
+def model_flops_per_step(t: 'Training') -> float:
+  """Model FLOPs of one step: 3x the forward's (forward + backward; recomputation not counted).
+  The encoder is counted analytically and one prompt round by XLA's cost analysis of an
+  un-scanned round, times the rounds: XLA counts a ``lax.scan`` body once."""
+  cfg, config = t.model_config, t.config
+  b, m = t.batch_spec['mask_valid'].shape
+  n, low, g = b * m, cfg.low_res_size, cfg.grid_size
+  tokens = config.num_rounds + 1
+  shapes = [jax.ShapeDtypeStruct(s, d) for s, d in (
+      ((n, g, g, cfg.prompt_embed_dim), cfg.compute_dtype), ((n, tokens, 2), jnp.float32),
+      ((n, tokens), jnp.int32), ((n, low, low), jnp.float32), ((n, low, low), jnp.bool_))]
+
+  def one_round(params, frozen, emb, coords, labels, mask_input, targets):
+    model = nnx.merge(t.graphdef, params, frozen)
+    logits, iou = model.decode(emb, coords, labels, mask_input, multimask_output='all')
+    allowed = prompt_rounds.allowed_outputs(labels)
+    return losses.sam_loss(logits, iou, targets, allowed)['loss'].sum()
+
+  strip = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  lowered = jax.jit(one_round).lower(strip(t.abstract_state['params']),
+                                     strip(t.abstract_state['frozen']), *shapes)
+
+  def flops(cost):
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float((cost or {}).get('flops', 0.0))
+
+  round_flops = flops(lowered.cost_analysis()) or flops(lowered.compile().cost_analysis())
+  return 3.0 * (b * metrics_lib.encoder_flops(cfg) + config.num_rounds * round_flops)
 
 
 def describe_memory(compiled) -> str:
@@ -268,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # Compile before step 1.
   t0 = time.perf_counter()
   compiled = t.jitted_step().lower(abstract_state, t.batch_spec).compile()
-  flops = model_flops_per_step(graphdef, config, abstract_state, t.batch_spec)
+  flops = model_flops_per_step(t)
   peak = metrics_lib.peak_flops(override_tflops=config.peak_tflops) * jax.device_count()
   if is_main:
     log.info('compiled the train step in %.1f s; %s; %.3g model FLOPs per step',
