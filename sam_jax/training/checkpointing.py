@@ -41,7 +41,8 @@ class Checkpointer:
                async_save: bool = True):
     self.every_steps = every_steps
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)  # saves a kill cut short
     self.manager = ocp.CheckpointManager(os.path.join(os.fspath(workdir), CHECKPOINTS_DIR),
                                          options=options)
 
@@ -51,7 +52,9 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
     """(state with ``abstract_state``'s shardings, input pipeline state) of ``step``."""
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(abstract_state), data=ocp.args.JsonRestore()))
+        state=ocp.args.PyTreeRestore(abstract_state, restore_args=(
+            ocp.checkpoint_utils.construct_restore_args(abstract_state))),
+        data=ocp.args.JsonRestore()))
     return restored['state'], restored['data']
 
   def should_save(self, step: int, last: bool = False) -> bool:
@@ -83,6 +86,9 @@ def load_model_state(workdir: str | os.PathLike, abstract_state: nnx.State) -> n
     as_target = lambda tree: jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
     target = {'params': as_target(params), 'frozen': as_target(frozen)}
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target, partial_restore=True)))['state']
+    # Explicit restore args: without them orbax ignores the target's sharding and falls back to
+    # the saved one, which fails when the checkpoint was written on other devices (a mesh).
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))['state']
   return nnx.merge_state(restored['params'], restored['frozen'])

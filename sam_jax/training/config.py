@@ -22,6 +22,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0                        # parameters, dropout, prompt simulation (data: data.seed)
 
   c.data = ml_collections.ConfigDict(dataclasses.asdict(InputConfig()))  # per-process batch
+  # Fields whose default is None become typed placeholders, so --config.data.x=... can set them.
+  for name, kind in (('data_dir', str), ('num_epochs', int), ('box_noise_cap', float),
+                     ('prefetch_buffer_size', int)):
+    c.data[name] = ml_collections.config_dict.placeholder(kind)
   c.data.dataset = 'sa1b'
   c.data.batch_size = 1             # images per process; the global batch is this x processes
   c.data.normalize = False          # uint8 to the device (4x less host -> device), normalised there

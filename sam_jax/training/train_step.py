@@ -112,7 +112,8 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The new parameters too: an update can overflow while the loss is still finite.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
     if config.on_nonfinite == 'skip':  # keep the old parameters and optimizer state
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
       params, opt_state = keep(params, state['params']), keep(opt_state, state['opt_state'])
