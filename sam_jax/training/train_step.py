@@ -113,7 +113,9 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
     params = optax.apply_updates(state['params'], updates)
     grad_norm = optax.global_norm(grads)
     # The new parameters too: an update can overflow while the loss is still finite.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(params))
+    # (an all-finite check, not the norm, which overflows for large but finite parameters)
+    params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
     if config.on_nonfinite == 'skip':  # keep the old parameters and optimizer state
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
       params, opt_state = keep(params, state['params']), keep(opt_state, state['opt_state'])
