@@ -264,3 +264,41 @@ def test_fast_jpeg_decode_is_close_to_the_exact_one():
   fast, hw_fast = preprocess.decode_image(data, 128, fast_jpeg=True)
   assert hw == hw_fast == (300, 450) and exact.shape == fast.shape == (85, 128, 3)
   assert np.abs(exact.astype(float) - fast).mean() < 3
+
+
+def test_center_points_are_farthest_from_the_boundary():
+  rng = np.random.default_rng(3)
+  rect = np.zeros((30, 40), bool)
+  rect[5:16, 10:21] = True                   # 11 x 11: the centre is (x, y) = (15, 10)
+  ell = np.zeros((30, 40), bool)
+  ell[2:28, 2:8] = ell[22:28, 2:38] = True   # an L: the centre lies inside, not at the bbox centre
+  edge = np.zeros((30, 40), bool)
+  edge[:9, :9] = True                        # at the image corner: the border counts as boundary
+  masks = [rect, ell, edge] + [rng.random((30, 40)) < 0.3 for _ in range(3)]
+  counts = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))['counts'] for m in masks]
+  points = prompts.center_points(counts, (30, 40))
+  np.testing.assert_array_equal(points[0], [15, 10])
+  np.testing.assert_array_equal(points[2], [4, 4])
+  for m, (x, y) in zip(masks, points.astype(int)):
+    padded = np.pad(m, 1)
+    outside = np.argwhere(~padded) - 1     # (n, 2) y, x, the border ring included
+    inside = np.argwhere(m)
+    dist = np.sqrt(((inside[:, None] - outside[None]) ** 2).sum(-1)).min(1)  # brute force
+    assert m[y, x] and np.sqrt(((outside - [y, x]) ** 2).sum(-1)).min() == dist.max()
+
+
+def test_center_mode_clicks_the_mask_centres(shapes_dir):
+  cfg = config(shapes_dir, point_probability=1.0, point_mode='center', shuffle=False)
+  source = sources.open_source(cfg.dataset, shapes_dir)
+  records = {r['image_id']: r for r in (source[i] for i in range(len(source)))}
+  batch = next(pipeline(cfg))
+  for b, image_id in enumerate(batch['image_id']):
+    rec = records[image_id]
+    hw = tuple(batch['original_size'][b])
+    centres = ResizeLongestSide(cfg.image_size).apply_coords(
+        prompts.center_points(rec['masks']['counts'], hw), hw)
+    for slot in np.flatnonzero(batch['mask_valid'][b]):
+      assert tuple(batch['prompt_labels'][b, slot]) == prompts.POINT_LABELS
+      assert np.abs(centres - batch['prompt_coords'][b, slot, 0]).sum(1).min() < 1e-4
+  with pytest.raises(ValueError, match='point_mode'):
+    config(shapes_dir, point_mode='middle')

@@ -6,6 +6,8 @@ from typing import Any
 
 from sam_jax.data import prompts
 
+POINT_MODES = ('uniform', 'center')
+
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
@@ -26,6 +28,9 @@ class InputConfig:
   max_area_fraction: float = 0.9     # drop masks covering more of the image
   include_crowd: bool = False        # COCO iscrowd regions as targets (not by default)
   point_probability: float = 0.5     # first prompt: a point, else a noisy box
+  point_mode: str = 'uniform'        # the point: 'uniform' over the mask (training), or 'center':
+                                     # where the mask's interior distance transform peaks (the
+                                     # paper's single-point evaluation)
   box_noise_fraction: float = 0.1
   box_noise_cap: float | None = None  # px in the input frame; None: 20 * image_size / 1024
   normalize: bool = True             # False: uint8 image, to be normalised on the device
@@ -34,6 +39,10 @@ class InputConfig:
   num_threads: int = 2
   prefetch_buffer_size: int | None = None  # elements read ahead; None: 2 batches
   worker_count: int = 0
+
+  def __post_init__(self):
+    if self.point_mode not in POINT_MODES:
+      raise ValueError(f'point_mode {self.point_mode!r}: choose one of {POINT_MODES}')
 
   @property
   def low_res_size(self) -> int:

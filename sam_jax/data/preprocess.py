@@ -132,7 +132,11 @@ def preprocess(record: dict[str, Any], rng: np.random.Generator, cfg: InputConfi
   input_hw = resized.shape[:2]
   to_input = ResizeLongestSide(cfg.image_size)
   boxes = to_input.apply_boxes(fg.boxes(), original).astype(np.float32)  # (k, 4) xyxy
-  points = to_input.apply_coords(fg.sample_pixels(rng), original).astype(np.float32)  # (k, 2)
+  if cfg.point_mode == 'center':
+    points = prompts.center_points([record['masks']['counts'][i] for i in chosen], original)
+  else:
+    points = fg.sample_pixels(rng)  # (k, 2) xy in the original frame
+  points = to_input.apply_coords(points, original).astype(np.float32)
   coords, labels = prompts.first_prompts(
       points, boxes, rng, input_hw, cfg.point_probability, cfg.box_noise_fraction, cfg.noise_cap)
   low = cfg.low_res_size

@@ -11,6 +11,8 @@ tokens, so every mask has the same shape of prompt:
 from __future__ import annotations
 
 import numpy as np
+from pycocotools import mask as mask_utils
+from scipy import ndimage
 
 POINT_LABELS = (1, -1)
 BOX_LABELS = (2, 3)
@@ -38,6 +40,19 @@ def noisy_boxes(boxes: np.ndarray, rng: np.random.Generator, input_hw: tuple[int
   x0, x1 = np.minimum(out[:, 0], out[:, 2]), np.maximum(out[:, 0], out[:, 2])
   y0, y1 = np.minimum(out[:, 1], out[:, 3]), np.maximum(out[:, 1], out[:, 3])
   return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
+
+
+def center_points(counts: list[bytes], hw: tuple[int, int]) -> np.ndarray:
+  """COCO compressed RLE strings of k masks of an (h, w) image -> (k, 2) float32 [x, y]: the pixel
+  farthest from the mask's boundary (the image border counts as boundary), the paper's "center"
+  click for single-point evaluation."""
+  dense = mask_utils.decode([{'size': list(hw), 'counts': c} for c in counts])  # (h, w, k)
+  out = np.zeros((dense.shape[-1], 2), np.float32)
+  for i in range(dense.shape[-1]):
+    dist = ndimage.distance_transform_edt(np.pad(dense[..., i], 1))[1:-1, 1:-1]  # (h, w)
+    y, x = np.unravel_index(np.argmax(dist), dist.shape)
+    out[i] = x, y
+  return out
 
 
 def first_prompts(points: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,

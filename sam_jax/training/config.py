@@ -33,7 +33,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval_data.split = 'validation'
   c.eval_data.num_epochs = 1
   c.eval_data.shuffle = False
-  c.eval_data.point_probability = 1.0  # evaluation starts every mask from one point
+  c.eval_data.point_probability = 1.0  # evaluation starts every mask from one point,
+  c.eval_data.point_mode = 'center'    # at its centre (the paper's protocol)
 
   c.num_steps = 90_000
   c.num_rounds = 11                 # 1 first prompt + 8 sampled points + 2 rounds without
