@@ -1,0 +1,24 @@
+"""Single point protocol on the built-in synthetic shapes' validation split (built on first use, no
+download): the CPU-sized check that a trained tiny model clicks its way up.
+
+  python train.py --config=configs/tiny.py --workdir=out/tiny
+  python eval.py --config=configs/eval/synthetic.py --config.checkpoint=out/tiny \
+      --workdir=out/tiny_eval
+  python eval.py --config=configs/eval/synthetic.py:smoke --workdir=/tmp/smoke  # random vit_tiny
+"""
+from sam_jax.evaluation.config import default_config
+
+
+def get_config(arg: str = ''):
+  c = default_config()
+  c.model = ''                       # read from the checkpoint (training workdir / orbax dir)
+  c.datasets = 'synthetic_shapes:validation'
+  c.max_images = 50
+  c.protocol.first_points = 'center,random'
+  if arg == 'smoke':                 # random weights, a few images: checks the program, not a model
+    c.model = 'vit_tiny'
+    c.max_images = 4
+    c.protocol.num_points = 3
+  elif arg:
+    raise ValueError(f'unknown config argument {arg!r} (expected "" or "smoke")')
+  return c

@@ -1,0 +1,110 @@
+"""What ``eval.py`` writes: ``results.json`` (every figure and every mask's clicks), ``results.md``
+(tables like the paper's) and ``miou_vs_points.png`` (mIoU against the number of clicks).
+
+``results.json``::
+
+  {"model": {...}, "protocol": {...}, "config": {...},
+   "datasets": {"<name>:<split>": {
+       "records_read", "images", "masks", "usable_masks", "subsampled", "skipped": {counter: n},
+       "seconds", "variants": {"center" | "random": {
+           "miou": {"1": ..., ..., "9": ...}, "oracle_miou_1": ...,
+           "masks": [{"record", "image_id", "mask", "id", "first_point": [x, y],
+                      "clicks": [[x, y, label], ...], "iou": [...], "oracle_iou"}, ...]}}}
+     | {"error": "..."}}}
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from sam_jax.evaluation.single_point import REPORTED_POINTS
+
+JSON_FILE, MARKDOWN_FILE, PLOT_FILE = 'results.json', 'results.md', 'miou_vs_points.png'
+
+
+def _fmt(v: float | None) -> str:
+  return '-' if v is None else f'{100 * v:.1f}'
+
+
+def reported_points(num_points: int) -> list[int]:
+  return [p for p in REPORTED_POINTS if p <= num_points] or [num_points]
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """Per first-click variant, a table of mIoU (%) by dataset and clicks, then what was skipped."""
+  points = reported_points(results['protocol']['num_points'])
+  lines = ['# Single point valid mask evaluation', '',
+           f'Model: {results["model"]["variant"]} from '
+           f'`{results["model"]["checkpoint"] or "random weights"}`. '
+           'mIoU (%) of the most confident mask after N clicks (multimask output for the first '
+           'click, single output after); "oracle @1": the best of the 3 first-click masks.', '']
+  ok = {k: v for k, v in results['datasets'].items() if 'variants' in v}
+  for variant in results['protocol']['first_points']:
+    lines += [f'## First click: {variant}', '',
+              '| dataset | masks | ' + ' | '.join(f'{p} pt' for p in points) + ' | oracle @1 |',
+              '|---|---:|' + '---:|' * (len(points) + 1)]
+    for name, res in ok.items():
+      r = res['variants'][variant]
+      lines.append(f'| {name} | {res["masks"]} | ' + ' | '.join(_fmt(r['miou'][str(p)])
+                                                             for p in points)
+                   + f' | {_fmt(r["oracle_miou_1"])} |')
+    scored = [r for r in ok.values() if r['masks']]
+    if len(scored) > 1:  # the mean over datasets, as the paper's SA-23 figures
+      mean = lambda key: sum(key(r['variants'][variant]) for r in scored) / len(scored)
+      lines.append(f'| **mean of {len(scored)}** | | ' + ' | '.join(
+          _fmt(mean(lambda r, p=p: r['miou'][str(p)])) for p in points)
+                   + f' | {_fmt(mean(lambda r: r["oracle_miou_1"]))} |')
+    lines.append('')
+  lines += ['## Data', '', '| dataset | records read | images | masks (usable) | subsampled | '
+            'skipped | seconds |', '|---|---:|---:|---:|:---:|---|---:|']
+  for name, res in results['datasets'].items():
+    if 'error' in res:
+      lines.append(f'| {name} | - | - | - | - | error: {res["error"].splitlines()[0]} | - |')
+      continue
+    skipped = ', '.join(f'{k} {v}' for k, v in res['skipped'].items() if v and k != 'images_ok')
+    lines.append(f'| {name} | {res["records_read"]} | {res["images"]} | {res["masks"]} '
+                 f'({res["usable_masks"]}) | {"yes" if res["subsampled"] else "no"} | '
+                 f'{skipped or "none"} | {res["seconds"]:.0f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+  """mIoU against clicks, a line per dataset and first-click variant, the oracle as a star."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  n = results['protocol']['num_points']
+  fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+  styles = {'center': '-', 'random': '--'}
+  for c, (name, res) in enumerate(results['datasets'].items()):
+    if 'variants' not in res or not res['masks']:
+      continue
+    color = f'C{c % 10}'
+    for variant, r in res['variants'].items():
+      xs = list(range(1, n + 1))
+      ax.plot(xs, [100 * r['miou'][str(p)] for p in xs], styles.get(variant, ':'), color=color,
+              marker='o', markersize=3, label=f'{name} ({variant})')
+      ax.plot([1], [100 * r['oracle_miou_1']], '*', color=color, markersize=9)
+  ax.set_xlabel('number of points')
+  ax.set_ylabel('mIoU (%)')
+  ax.set_xticks(reported_points(n))
+  ax.set_title(f'single point valid mask: {results["model"]["variant"]} (star: oracle)')
+  ax.grid(alpha=0.3)
+  if ax.lines:
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def write(results: dict[str, Any], workdir: str) -> None:
+  """The three files, in ``workdir`` (written whole each time: call after every dataset)."""
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, JSON_FILE + '.tmp')
+  with open(tmp, 'w') as f:
+    json.dump(results, f)
+  os.replace(tmp, os.path.join(workdir, JSON_FILE))
+  with open(os.path.join(workdir, MARKDOWN_FILE), 'w') as f:
+    f.write(markdown(results))
+  plot(results, os.path.join(workdir, PLOT_FILE))
