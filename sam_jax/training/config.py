@@ -20,6 +20,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.init_checkpoint = ''            # official .pth / HF safetensors / orbax dir / training workdir
   c.trainable = 'all'               # 'all' | 'decoder' (prompt encoder + mask decoder only)
   c.seed = 0                        # parameters, dropout, prompt simulation (data: data.seed)
+  # Changes to a fresh model's initialisation (``sam_jax/training/scratch_init.py``); off here.
+  c.scratch_init = ml_collections.ConfigDict(dict(tie_cross_attention_qk=0.0, neck_scale=1.0))
 
   c.data = ml_collections.ConfigDict(dataclasses.asdict(InputConfig()))  # per-process batch
   # Fields whose default is None become typed placeholders, so --config.data.x=... can set them.

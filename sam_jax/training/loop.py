@@ -29,7 +29,7 @@ from sam_jax.data.config import InputConfig
 from sam_jax.modeling.config import VARIANTS, SamConfig
 from sam_jax.modeling.sam import Sam
 from sam_jax.training import (checkpointing, losses, metrics as metrics_lib, optimizer,
-                              prompt_rounds, train_step)
+                              prompt_rounds, scratch_init, train_step)
 
 log = logging.getLogger('sam_jax.train')
 
@@ -122,6 +122,7 @@ def create_state(config, cfg: SamConfig, tx, mesh, rule_list):
 
   def init():
     model = Sam(cfg, rngs=nnx.Rngs(seed))
+    scratch_init.apply(model, **config.scratch_init)
     _, params, frozen = train_step.split_model(model, config.trainable)
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'frozen': frozen,
             'opt_state': tx.init(params), 'rng': jax.random.PRNGKey(seed + 1)}
