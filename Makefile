@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine (Python 3.11, no accelerator needed):
 #   make demo   set up .venv and run the main job: train configs/tiny.py on the built-in synthetic
-#               shapes (CPU, ~12 min), evaluate it on held-out images, write overlay PNGs
+#               shapes (CPU, ~12 min), evaluate it on held-out images (eval.py, the paper's
+#               single-point protocol), write overlay PNGs
 #   make test   set up .venv and run the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(PY) train.py --config=configs/tiny.py --workdir=$(OUT)/tiny
+	$(PY) eval.py --config=configs/eval/synthetic.py --config.checkpoint=$(OUT)/tiny --workdir=$(OUT)/eval
 	$(PY) -m sam_jax.demo --checkpoint $(OUT)/tiny --out $(OUT)/demo
 
 test: setup
