@@ -25,6 +25,9 @@ def get_config(arg: str = ''):
   # (sam_jax/training/scratch_init.py).
   c.scratch_init.tie_cross_attention_qk = 3.0
   c.scratch_init.neck_scale = 0.0
+  # The paper's 20 x focal + dice slows a decoder trained from scratch: decoder alone, perfect image
+  # features, 400 steps: IoU 0.14 at focal weight 20, 0.30 at 5, 0.33 at 1, 0.09 at 0 (dice alone).
+  c.loss.focal_weight = 1.0
   c.data.normalize = True
   c.num_steps = 1800
   c.drop_path_rate = 0.0
