@@ -56,12 +56,31 @@ def bucket(n: int) -> int:
   return max(2, 1 << max(n - 1, 0).bit_length())
 
 
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def padded_postprocess_weights(low_res_size: int, image_size: int, input_size: tuple[int, int],
+                               original_size: tuple[int, int], pad_to: int = 1):
+  """``postprocess_weights`` with the output rows and columns zero-padded to multiples of
+  ``pad_to``, and the taps per row to a power of two: the image's own pixels are unchanged and
+  the padding is logit 0 (no mask), so images of nearby sizes share one compiled program."""
+  idx, row_w, cols = postprocess_weights(low_res_size, image_size, input_size, original_size)
+  if pad_to <= 1:
+    return idx, row_w, cols
+  (h, k), w = idx.shape, cols.shape[0]  # (H, K) taps per output row, (W, L)
+  rows_pad = ((0, _round_up(h, pad_to) - h), (0, (1 << max(k - 1, 0).bit_length()) - k))
+  return (np.pad(idx, rows_pad), np.pad(row_w, rows_pad),  # (H', K') each
+          np.pad(cols, ((0, _round_up(w, pad_to) - w), (0, 0))))  # (W', L)
+
+
 def assemble_prompts(coords: np.ndarray | None, labels: np.ndarray | None,
-                     boxes: np.ndarray | None, batch: int) -> tuple[np.ndarray, np.ndarray]:
+                     boxes: np.ndarray | None, batch: int, min_len: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray]:
   """Official sparse-prompt order as one padded (B, T, 2) / (B, T) pair.
 
   Points, then the official "not a point" padding point when there is no box, then the two box
-  corners (labels 2, 3), then PAD slots up to the bucket length.
+  corners (labels 2, 3), then PAD slots up to the bucket length (at least ``min_len``).
   """
   parts_c, parts_l = [], []
   if coords is not None:
@@ -74,7 +93,7 @@ def assemble_prompts(coords: np.ndarray | None, labels: np.ndarray | None,
     parts_c.append(np.asarray(boxes, np.float32).reshape(batch, 2, 2))
     parts_l.append(np.broadcast_to(np.array(BOX_LABELS, np.int32), (batch, 2)))
   n = sum(c.shape[1] for c in parts_c)
-  pad = bucket(n) - n
+  pad = max(bucket(n), min_len) - n
   parts_c.append(np.zeros((batch, pad, 2), np.float32))
   parts_l.append(np.full((batch, pad), PAD_LABEL, np.int32))
   return np.concatenate(parts_c, 1), np.concatenate(parts_l, 1)
@@ -184,11 +203,15 @@ class SamPredictor:
     return tuple(np.asarray(a)[0] for a in out)
 
   def predict_jax(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
-                  multimask_output: bool = True, return_logits: bool = False):
+                  multimask_output: bool = True, return_logits: bool = False, *,
+                  pad_masks_to: int = 1, min_prompt_len: int = 0):
     """Batched prompts in the model's input frame (the official ``predict_torch``).
 
     point_coords (B, N, 2), point_labels (B, N), boxes (B, 4), mask_input (B, 1, L, L) or (B, L, L).
     Returns jax arrays: masks (B, C, H, W), IoU predictions (B, C), low-res logits (B, C, L, L).
+    To compile fewer programs over many images and prompt lengths (this module's docstring):
+    ``pad_masks_to`` pads H and W to multiples of it (padding reads as no mask / logit 0), and
+    ``min_prompt_len`` pads the prompt with inert slots to at least that many tokens.
     """
     self._check_image_set()
     batch = next((len(a) for a in (point_coords, boxes, mask_input) if a is not None), 1)
@@ -199,12 +222,12 @@ class SamPredictor:
     for name, a in (('point_coords', point_coords), ('boxes', boxes), ('mask_input', mask_input)):
       if a is not None and len(a) != batch:
         raise ValueError(f'{name} has batch {len(a)}, other prompts have batch {batch}')
-    coords, labels = assemble_prompts(point_coords, point_labels, boxes, batch)
+    coords, labels = assemble_prompts(point_coords, point_labels, boxes, batch, min_prompt_len)
     if mask_input is not None:
       size = self.model.config.low_res_size
       mask_input = jnp.asarray(mask_input, jnp.float32).reshape(batch, size, size)
-    weights = postprocess_weights(self.model.config.low_res_size, self.model.image_size,
-                                  self.input_size, self.original_size)
+    weights = padded_postprocess_weights(self.model.config.low_res_size, self.model.image_size,
+                                         self.input_size, self.original_size, pad_masks_to)
     return self.programs.predict(self._state, self.features, self._image_pe, coords, labels,
                                  mask_input, weights, multimask_output=bool(multimask_output),
                                  return_logits=bool(return_logits))

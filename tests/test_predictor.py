@@ -137,6 +137,21 @@ def test_predict_jax_batch_equals_single_predicts(predictor):
     predictor.predict_jax(coords_in, labels, boxes=np.zeros((2, 4)))
 
 
+def test_predict_jax_padding_keeps_the_image_pixels(predictor):
+  """Masks padded to multiples of 128 with an 8-slot prompt: the image's pixels as unpadded, the
+  padding no mask (logit 0)."""
+  coords = predictor.transform.apply_coords(np.array([[[10.0, 20.0]], [[150.0, 90.0]]]),
+                                            predictor.original_size)
+  labels = np.ones((2, 1))
+  exact, iou, _ = predictor.predict_jax(coords, labels, return_logits=True)
+  padded, iou_p, _ = predictor.predict_jax(coords, labels, return_logits=True, pad_masks_to=128,
+                                           min_prompt_len=8)
+  assert padded.shape == (2, 3, 128, 256)
+  np.testing.assert_allclose(np.asarray(padded[..., :120, :200]), np.asarray(exact), atol=1e-4)
+  assert not np.asarray(padded[..., 120:, :]).any() and not np.asarray(padded[..., 200:]).any()
+  np.testing.assert_allclose(np.asarray(iou_p), np.asarray(iou), atol=1e-6)
+
+
 def test_bgr_equals_rgb(predictor):
   image = np.random.default_rng(3).integers(0, 255, (90, 70, 3), dtype=np.uint8)
   p = SamPredictor(predictor.model)

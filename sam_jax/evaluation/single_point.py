@@ -45,9 +45,7 @@ from scipy import ndimage
 
 from sam_jax.data import preprocess, prompts
 from sam_jax.data.config import InputConfig
-from sam_jax.modeling.prompt_encoder import PAD_LABEL
-from sam_jax.modeling.sam import postprocess_weights
-from sam_jax.predictor import assemble_prompts, bucket
+from sam_jax.predictor import bucket
 
 log = logging.getLogger(__name__)
 
@@ -145,34 +143,6 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def decode(predictor, coords: np.ndarray, labels: np.ndarray, mask_input, multimask_output: bool,
-           pad_to: int = 1, prompt_len: int = 0):
-  """``predictor.predict_jax`` (points only) in fewer compiled shapes: the masks' rows and columns
-  zero-padded to multiples of ``pad_to`` (the postprocess weights get zero rows, and zero taps up to
-  a power of two, so the image's own pixels are exactly predict_jax's and the padding is logit 0, no
-  mask), and the prompt padded with inert PAD slots to ``prompt_len`` tokens (one program for every
-  click count). coords (B, N, 2) in the input frame -> masks (B, C, H', W') bool, IoU predictions
-  (B, C), low-res logits (B, C, L, L)."""
-  model = predictor.model
-  h, w = predictor.original_size
-  idx, row_w, cols = postprocess_weights(model.config.low_res_size, model.image_size,
-                                         predictor.input_size, predictor.original_size)
-  k = idx.shape[1]  # taps per output row
-  rows_pad = ((0, _round_up(h, pad_to) - h), (0, (1 << max(k - 1, 0).bit_length()) - k))
-  weights = (np.pad(idx, rows_pad), np.pad(row_w, rows_pad),  # (H', K') each
-             np.pad(cols, ((0, _round_up(w, pad_to) - w), (0, 0))))  # (W', L)
-  coords, labels = assemble_prompts(coords, labels, None, len(coords))
-  extra_slots = max(prompt_len - labels.shape[1], 0)
-  coords = np.pad(coords, ((0, 0), (0, extra_slots), (0, 0)))
-  labels = np.pad(labels, ((0, 0), (0, extra_slots)), constant_values=PAD_LABEL)
-  # The predictor's own jitted program, parameters and positional encoding (predict_jax has no
-  # way to take padded weights).
-  state, image_pe = predictor._state, predictor._image_pe  # pylint: disable=protected-access
-  return predictor.programs.predict(state, predictor.features, image_pe, coords, labels,
-                                    mask_input, weights, multimask_output=bool(multimask_output),
-                                    return_logits=False)
-
-
 @dataclasses.dataclass
 class ClickResult:
   """The protocol's outcome for k masks of one image."""
@@ -186,7 +156,7 @@ def run_clicks(predictor, gt: np.ndarray, first_points: np.ndarray, num_points: 
                batch_size: int = 64, pad_to: int = 128) -> ClickResult:
   """The protocol for the masks ``gt`` (k, H, W) bool of the image set on ``predictor`` (a
   ``SamPredictor``), starting from ``first_points`` (k, 2) [x, y]; masks go through the decoder in
-  batches of ``batch_size`` (see ``decode`` for ``pad_to``)."""
+  batches of ``batch_size``; ``pad_to``: ``SamPredictor.predict_jax``'s ``pad_masks_to``."""
   k = len(gt)
   b = 1 << max(min(k, batch_size) - 1, 0).bit_length()  # every batch of the image padded to b
   out = ClickResult(np.zeros((k, num_points)), np.zeros(k),
@@ -217,8 +187,10 @@ def _run_batch(predictor, gt: np.ndarray, first_points: np.ndarray, num_points: 
       out.ious[:, r:] = out.ious[:, r - 1:r]
       break
     coords = predictor.transform.apply_coords(points[:, :r + 1], predictor.original_size)
-    masks, scores, low_res = decode(predictor, coords.astype(np.float32), labels[:, :r + 1],
-                                    mask_input, r == 0, pad_to, prompt_len)
+    # Padded masks and prompts: one program for every image size bucket and click count.
+    masks, scores, low_res = predictor.predict_jax(
+        coords.astype(np.float32), labels[:, :r + 1], None, mask_input, r == 0,
+        pad_masks_to=pad_to, min_prompt_len=prompt_len)
     ious, best, pred, mask_input = _score(masks, scores, low_res, gt_dev)
     ious = np.asarray(ious)[:n]
     if r == 0:
