@@ -8,15 +8,23 @@ Datasets are read through ``sam_jax.data.sources`` (build them with ``python -m
 sam_jax.data.build``); the built-in synthetic shapes are built on first use. A dataset that is
 missing or unreadable is reported and skipped, as are bad records inside one.
 
-Writes ``OUT/results.json``, ``OUT/results.md``, ``OUT/miou_vs_points.png`` (after every dataset)
-and ``OUT/logs/<dataset>.log``. Protocol: ``sam_jax.evaluation.single_point``.
+Protocols (``--config.protocols=single_point,instances,proposals``, settings in the block of each
+name): ``sam_jax.evaluation.single_point`` (mIoU after 1..9 clicks), ``.instances`` (mask AP from
+detector boxes, ``--config.instances.boxes=DETECTIONS.json``) and ``.proposals`` (mask AR@1000 of
+the automatic mask generator). The images are dealt to the processes of a multi-host job
+(``--coordinator_address``, ``--num_processes``, ``--process_id``, or a cluster's environment, as
+``train.py``) and to each one's local devices; process 0 gathers the results and writes
+``OUT/results.json``, ``OUT/results.md``, ``OUT/miou_vs_points.png`` (after every dataset) and
+``OUT/logs/<dataset>.log``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
 import re
+import time
 from typing import Any
 
 from absl import app, flags
@@ -25,6 +33,10 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file('config', None, 'Evaluation config file (configs/eval/*.py[:arg]).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where results.json, results.md and the plot are written.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
+flags.DEFINE_integer('num_processes', None, 'Processes in the job (multi-host).')
+flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
+flags.DEFINE_integer('local_device_count', None, 'CPU only: devices per process (tests).')
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -68,21 +80,67 @@ def open_dataset(name: str, split: str, data_dir: str | None):
     return sources.open_source(name, data_dir, split)
 
 
+def evaluate(name: str, protocol, workers: dict[str, list], source, key: str, config
+             ) -> dict[str, Any]:
+  """One protocol on one dataset, split over the job's hosts and local devices."""
+  from sam_jax.evaluation import config as eval_config
+  from sam_jax.evaluation import instances, parallel, proposals, single_point
+  progress = config.progress
+  if name == 'single_point':
+    selected, selection = single_point.select_masks(source, protocol, name=key,
+                                                    max_images=config.max_images)
+    per_image = parallel.run_split(single_point.run_images, workers['predictors'], source,
+                                   selected, protocol, name=key, progress=progress)
+    return single_point.summarize(per_image, protocol, selection)
+  records = range(len(source) if not config.max_images else min(len(source), config.max_images))
+  if name == 'instances':
+    protocol = dataclasses.replace(protocol,
+                                   boxes=eval_config.boxes_file(protocol.boxes, key))
+    detections = instances.load_detections(protocol.boxes)
+    per_image = parallel.run_split(instances.run_images, workers['predictors'], source, records,
+                                   protocol, name=key, progress=progress, detections=detections)
+    res = instances.summarize(source, per_image, protocol, name=key, detections=detections)
+  else:
+    generators = workers.setdefault('generators', [proposals.make_generator(m, protocol)
+                                                   for m in workers['models']])
+    per_image = parallel.run_split(proposals.run_images, generators, source, records, protocol,
+                                   name=key, progress=progress)
+    res = proposals.summarize(source, per_image, protocol, name=key)
+  return {'records_read': len(records), **res, 'protocol': dataclasses.asdict(protocol)}
+
+
+def summary_line(name: str, res: dict[str, Any]) -> str:
+  """The log line of one protocol's figures on one dataset."""
+  from sam_jax.evaluation import report
+  if name != 'single_point':
+    figures = ', '.join(f'{k} {report.fmt(v)}' for k, v in res['metrics'].items())
+    return f'{res["images"]} images: {figures} (%)'
+  out = []
+  for variant, r in res['variants'].items():
+    miou = ' '.join(f'{p}:{report.fmt(r["miou"][str(p)])}'
+                    for p in report.reported_points(len(r['miou'])) if r['miou'][str(p)] is not None)
+    out.append(f'{variant} first click: mIoU % by points {miou or "-"}, oracle@1 '
+               f'{report.fmt(r["oracle_miou_1"])}')
+  return f'{res["masks"]} masks of {res["images"]} images; ' + '; '.join(out)
+
+
 def run(config, workdir: str) -> dict[str, Any]:
-  """Evaluates ``config`` and writes the reports in ``workdir``; returns the results."""
+  """Evaluates ``config`` and writes the reports in ``workdir`` (process 0); returns the
+  results."""
   import jax
   from sam_jax import SamPredictor
   from sam_jax.evaluation import config as eval_config
-  from sam_jax.evaluation import report, single_point
+  from sam_jax.evaluation import parallel, report
 
-  protocol = eval_config.protocol(config)
+  protocols = eval_config.protocols(config)
   datasets = eval_config.datasets(config)
   model, model_info = load_model(config)
-  predictor = SamPredictor(model)
+  models = parallel.on_devices(model)
+  workers = {'models': models, 'predictors': [SamPredictor(m) for m in models]}
+  log.info('evaluating on %d process(es) x %d local device(s)', jax.process_count(), len(models))
   results = {'model': model_info,
-             'protocol': {'name': 'single_point', **{k: list(v) if isinstance(v, tuple) else v
-                                                   for k, v in vars(protocol).items()}},
-             'config': config.to_dict(), 'datasets': {}}
+             'protocols': {n: dataclasses.asdict(p) for n, p in protocols.items()},
+             'config': config.to_dict(), **{n: {} for n in protocols}}
   writer = jax.process_index() == 0
   os.makedirs(os.path.join(workdir, 'logs'), exist_ok=True)
   for name, split in datasets:
@@ -96,18 +154,19 @@ def run(config, workdir: str) -> dict[str, Any]:
         source = open_dataset(name, split, config.data_dir or None)
       except (FileNotFoundError, ValueError) as e:  # not built, no such split, not ArrayRecord
         log.error('%s: skipped: %s', key, e)
-        results['datasets'][key] = {'error': str(e)}
+        for protocol_name in protocols:
+          results[protocol_name][key] = {'error': str(e)}
         continue
-      res = single_point.evaluate_source(predictor, source, protocol, name=key,
-                                         max_images=config.max_images, progress=config.progress)
-      results['datasets'][key] = res
-      for variant, r in res['variants'].items():
-        miou = ' '.join(f'{p}:{100 * r["miou"][str(p)]:.1f}'
-                        for p in report.reported_points(protocol.num_points)
-                        if r['miou'][str(p)] is not None)
-        log.info('%s (%s first click): %d masks of %d images, mIoU %% by points %s, oracle@1 '
-                 '%s', key, variant, res['masks'], res['images'], miou or '-',
-                 r['oracle_miou_1'] is not None and f'{100 * r["oracle_miou_1"]:.1f}')
+      for protocol_name, protocol in protocols.items():
+        start = time.time()
+        try:
+          res = evaluate(protocol_name, protocol, workers, source, key, config)
+        except (FileNotFoundError, ValueError) as e:  # e.g. no detector boxes for this dataset
+          log.error('%s: %s skipped: %s', key, protocol_name, e)
+          results[protocol_name][key] = {'error': str(e)}
+          continue
+        results[protocol_name][key] = {**res, 'seconds': round(time.time() - start, 2)}
+        log.info('%s, %s: %s', key, protocol_name, summary_line(protocol_name, res))
     finally:
       logging.getLogger('sam_jax').removeHandler(handler)
       handler.close()
@@ -120,8 +179,13 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.WARNING)  # orbax and absl are chatty at INFO
   logging.getLogger('sam_jax').setLevel(logging.INFO)
+  from sam_jax import distributed
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         FLAGS.local_device_count)
   run(FLAGS.config, FLAGS.workdir)
-  print(open(os.path.join(FLAGS.workdir, 'results.md')).read())
+  import jax
+  if jax.process_index() == 0:
+    print(open(os.path.join(FLAGS.workdir, 'results.md')).read())
 
 
 if __name__ == '__main__':

@@ -245,7 +245,7 @@ def predict_breakdown(predictor, point, label, repeats: int) -> dict:
 
   def run():
     return jax.block_until_ready(p.programs.predict(
-        p._state, p.features, p._image_pe, c, l, None, weights, multimask_output=True,
+        p.state, p.features, p.image_pe, c, l, None, weights, multimask_output=True,
         return_logits=False))
 
   out = run()

@@ -232,6 +232,17 @@ class SamPredictor:
                                  mask_input, weights, multimask_output=bool(multimask_output),
                                  return_logits=bool(return_logits))
 
+  @property
+  def state(self) -> nnx.State:
+    """The model's parameters as one pytree (``nnx.split``), for jitted programs of your own that
+    take them as an argument, like ``programs``."""
+    return self._state
+
+  @property
+  def image_pe(self) -> jax.Array:
+    """The prompt encoder's dense positional encoding (1, g, g, C), computed once."""
+    return self._image_pe
+
   def get_image_embedding(self) -> jax.Array:
     """The image embedding (1, C, g, g), in the official channel-first layout."""
     self._check_image_set()

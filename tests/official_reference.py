@@ -1,8 +1,11 @@
 """The official PyTorch SAM (segment-anything 1.0) built to any of our configurations, every tensor
-random, for parity tests."""
+random, for parity tests; and the single point evaluation protocol written out around the official
+``SamPredictor`` (one mask, one ``predict`` call per click, distance transforms on the whole image),
+independent of ``sam_jax.evaluation``."""
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from sam_jax.modeling.config import PIXEL_MEAN, PIXEL_STD, SamConfig
 
@@ -58,3 +61,51 @@ def save_pth(sam, path) -> str:
 
 def to_numpy(t) -> np.ndarray:
   return t.detach().cpu().numpy()
+
+
+# The single point protocol around the official predictor.
+
+def ref_farthest(region: np.ndarray):
+  """(distance, (y, x)) of the pixel farthest from the region's boundary (border included)."""
+  dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+  y, x = np.unravel_index(np.argmax(dist), dist.shape)
+  return dist[y, x], (x, y)
+
+
+def ref_iou(a: np.ndarray, b: np.ndarray) -> float:
+  return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+def ref_protocol(predictor, image: np.ndarray, gts: list[np.ndarray], num_points: int):
+  """Per mask: (clicks [[x, y, label], ...], IoU after 1 .. num_points clicks, oracle IoU)."""
+  import torch
+  with torch.no_grad():
+    predictor.set_image(image)
+  out = []
+  for gt in gts:
+    _, first = ref_farthest(gt)
+    clicks = [[int(first[0]), int(first[1]), 1]]
+    with torch.no_grad():
+      masks, scores, logits = predictor.predict(
+          point_coords=np.array([c[:2] for c in clicks], np.float64),
+          point_labels=np.array([c[2] for c in clicks]), multimask_output=True)
+    ious3 = [ref_iou(m, gt) for m in masks]
+    best = int(np.argmax(scores))
+    pred, feedback, ious = masks[best], logits[best][None], [ious3[best]]
+    for _ in range(num_points - 1):
+      fn_d, fn_xy = ref_farthest(gt & ~pred)
+      fp_d, fp_xy = ref_farthest(pred & ~gt)
+      if fn_d == 0 and fp_d == 0:  # exact: done, keeps its IoU
+        ious.append(ious[-1])
+        continue
+      x, y = fn_xy if fn_d > fp_d else fp_xy
+      clicks.append([int(x), int(y), int(fn_d > fp_d)])
+      with torch.no_grad():
+        masks, _, logits = predictor.predict(
+            point_coords=np.array([c[:2] for c in clicks], np.float64),
+            point_labels=np.array([c[2] for c in clicks]), mask_input=feedback,
+            multimask_output=False)
+      pred, feedback = masks[0], logits[0][None]
+      ious.append(ref_iou(pred, gt))
+    out.append((clicks, ious, max(ious3)))
+  return out

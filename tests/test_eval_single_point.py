@@ -1,6 +1,6 @@
 """The single point valid mask protocol (``sam_jax.evaluation.single_point``) and ``eval.py``.
 
-Parity: the protocol written out here in plain numpy + torch around the official
+Parity: the protocol written out in plain numpy + torch around the official
 ``segment_anything.SamPredictor`` (one mask, one ``predict`` call per click, distance transforms on
 the whole image) against ours (all masks of an image batched through the decoder, distance
 transforms on the error region's box), on the same random vit_tiny weights: the same clicks and the
@@ -22,7 +22,7 @@ from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 from conftest import PARITY_REPORT
-from official_reference import official_sam, save_pth
+from official_reference import official_sam, ref_farthest, ref_protocol, save_pth
 from sam_jax import SamPredictor, sam_model_registry
 from sam_jax.data import fake_data, synthetic_shapes
 from sam_jax.evaluation import single_point
@@ -32,54 +32,6 @@ torch = pytest.importorskip('torch')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_POINTS = 9
-
-
-# ------------------------------------------------------------------------------------------------
-# The reference: the protocol around the official predictor, independent of sam_jax.evaluation.
-
-def ref_farthest(region: np.ndarray):
-  """(distance, (y, x)) of the pixel farthest from the region's boundary (border included)."""
-  dist = ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-  y, x = np.unravel_index(np.argmax(dist), dist.shape)
-  return dist[y, x], (x, y)
-
-
-def ref_iou(a: np.ndarray, b: np.ndarray) -> float:
-  return float((a & b).sum() / max((a | b).sum(), 1))
-
-
-def ref_protocol(predictor, image: np.ndarray, gts: list[np.ndarray], num_points: int):
-  """Per mask: (clicks [[x, y, label], ...], IoU after 1 .. num_points clicks, oracle IoU)."""
-  with torch.no_grad():
-    predictor.set_image(image)
-  out = []
-  for gt in gts:
-    _, first = ref_farthest(gt)
-    clicks = [[int(first[0]), int(first[1]), 1]]
-    with torch.no_grad():
-      masks, scores, logits = predictor.predict(
-          point_coords=np.array([c[:2] for c in clicks], np.float64),
-          point_labels=np.array([c[2] for c in clicks]), multimask_output=True)
-    ious3 = [ref_iou(m, gt) for m in masks]
-    best = int(np.argmax(scores))
-    pred, feedback, ious = masks[best], logits[best][None], [ious3[best]]
-    for _ in range(num_points - 1):
-      fn_d, fn_xy = ref_farthest(gt & ~pred)
-      fp_d, fp_xy = ref_farthest(pred & ~gt)
-      if fn_d == 0 and fp_d == 0:  # exact: done, keeps its IoU
-        ious.append(ious[-1])
-        continue
-      x, y = fn_xy if fn_d > fp_d else fp_xy
-      clicks.append([int(x), int(y), int(fn_d > fp_d)])
-      with torch.no_grad():
-        masks, _, logits = predictor.predict(
-            point_coords=np.array([c[:2] for c in clicks], np.float64),
-            point_labels=np.array([c[2] for c in clicks]), mask_input=feedback,
-            multimask_output=False)
-      pred, feedback = masks[0], logits[0][None]
-      ious.append(ref_iou(pred, gt))
-    out.append((clicks, ious, max(ious3)))
-  return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,7 +158,7 @@ def eval_run(models, tmp_path_factory):
       '--config.datasets=synthetic_shapes/evaltest:validation,sa1b:train,'
       'coco_format/not_built:validation',
       # The shapes the parity test compiled (4 masks a batch, 9 clicks, images under 128 px).
-      '--config.protocol.batch_size=4', f'--workdir={workdir}']
+      '--config.single_point.batch_size=4', f'--workdir={workdir}']
   with mock.patch.object(sys, 'argv', argv):  # config_flags reads its overrides from sys.argv
     cli.FLAGS(argv)
     cli.main(argv)
@@ -218,8 +170,8 @@ def test_eval_writes_every_figure_table_plot_and_log(eval_run):
   workdir, data_dir = eval_run
   results = json.load(open(os.path.join(workdir, 'results.json')))
   assert results['model']['variant'] == 'vit_tiny'  # read from the orbax checkpoint
-  assert results['protocol']['first_points'] == ['center', 'random']
-  shapes = results['datasets']['synthetic_shapes/evaltest:validation']
+  assert results['protocols']['single_point']['first_points'] == ['center', 'random']
+  shapes = results['single_point']['synthetic_shapes/evaltest:validation']
   source = sources.open_source('synthetic_shapes/evaltest', data_dir, 'validation')
   assert shapes['images'] == 3 and shapes['masks'] == shapes['usable_masks'] == sum(
       len(source[i]['masks']['counts']) for i in range(3))
@@ -254,12 +206,12 @@ def test_eval_writes_every_figure_table_plot_and_log(eval_run):
 def test_bad_records_and_datasets_are_reported_and_skipped(eval_run):
   workdir, _ = eval_run
   results = json.load(open(os.path.join(workdir, 'results.json')))
-  bad = results['datasets']['sa1b:train']
+  bad = results['single_point']['sa1b:train']
   assert bad['records_read'] == 5 and bad['images'] == 1 and bad['masks'] == 4
   assert bad['skipped'] == {**dict.fromkeys(single_point.COUNTERS, 0), 'images_ok': 1,
                             'images_corrupt': 2, 'images_no_usable_mask': 2,
                             'masks_invalid_rle': 1}
-  assert 'not built' in results['datasets']['coco_format/not_built:validation']['error']
+  assert 'not built' in results['single_point']['coco_format/not_built:validation']['error']
   table = open(os.path.join(workdir, 'results.md')).read()
   assert 'images_corrupt 2' in table and 'images_no_usable_mask 2' in table and 'error:' in table
   log = open(os.path.join(workdir, 'logs', 'sa1b_train.log')).read()

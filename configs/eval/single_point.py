@@ -24,5 +24,5 @@ def get_config(arg: str = ''):
   c.model = arg  # 'vit_h' / 'vit_l' / 'vit_b' for an official .pth; '' from an orbax checkpoint
   c.model_dtype = 'float32'
   c.datasets = 'coco_format/coco2017:validation,coco_format/lvis_v1:validation'
-  c.protocol.first_points = 'center,random'
+  c.single_point.first_points = 'center,random'
   return c

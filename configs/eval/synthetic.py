@@ -14,11 +14,11 @@ def get_config(arg: str = ''):
   c.model = ''                       # read from the checkpoint (training workdir / orbax dir)
   c.datasets = 'synthetic_shapes:validation'
   c.max_images = 50
-  c.protocol.first_points = 'center,random'
+  c.single_point.first_points = 'center,random'
   if arg == 'smoke':                 # random weights, a few images: checks the program, not a model
     c.model = 'vit_tiny'
     c.max_images = 4
-    c.protocol.num_points = 3
+    c.single_point.num_points = 3
   elif arg:
     raise ValueError(f'unknown config argument {arg!r} (expected "" or "smoke")')
   return c

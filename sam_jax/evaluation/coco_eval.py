@@ -32,7 +32,7 @@ from pycocotools.cocoeval import COCOeval
 
 from sam_jax.data import preprocess
 from sam_jax.data.config import InputConfig
-from sam_jax.evaluation.single_point import _Skips, decode_image, image_size, mask_table
+from sam_jax.evaluation.single_point import Skips, decode_image, image_size, mask_table
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def new_entry(index: int) -> dict[str, Any]:
           'counts': dict.fromkeys(COUNTERS, 0), 'results': []}
 
 
-def read_image(source: Sequence[dict[str, Any]], index: int, skips: _Skips
+def read_image(source: Sequence[dict[str, Any]], index: int, skips: Skips
                ) -> tuple[dict[str, Any], LoadedImage | None]:
   """(entry, the image) for record ``index``; the image None when it is skipped (counted in the
   entry, logged through ``skips``)."""

@@ -1,11 +1,22 @@
 """The defaults every ``configs/eval/*.py`` starts from; every field can be set from the command
-line (``--config.protocol.num_points=5``). Lists are comma-separated strings, so that they can be
-too."""
+line (``--config.single_point.num_points=5``). Lists are comma-separated strings, so that they can
+be too. One block of settings per protocol, named as the protocol; ``protocols`` says which run."""
 from __future__ import annotations
+
+import dataclasses
 
 import ml_collections
 
-from sam_jax.evaluation.single_point import Protocol
+from sam_jax.evaluation import instances, proposals, single_point
+
+PROTOCOLS = {'single_point': single_point.Protocol, 'instances': instances.Protocol,
+             'proposals': proposals.Protocol}
+
+
+def _block(protocol) -> ml_collections.ConfigDict:
+  """A protocol dataclass's defaults as a config block (tuples as comma-separated strings)."""
+  return ml_collections.ConfigDict({k: ','.join(v) if isinstance(v, tuple) else v
+                                    for k, v in dataclasses.asdict(protocol()).items()})
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -19,26 +30,32 @@ def default_config() -> ml_collections.ConfigDict:
   c.data_dir = ''             # '' : $TFDS_DATA_DIR or ~/tensorflow_datasets
   c.datasets = ''             # 'name:split,name:split' (sam_jax.data.sources names)
   c.max_images = 0            # per dataset, the first records only (0: all)
-  c.progress = True           # a tqdm bar per dataset
-  p = Protocol()
-  c.protocol = ml_collections.ConfigDict(dict(
-      name='single_point',
-      num_points=p.num_points,
-      first_points=','.join(p.first_points),  # 'center' and / or 'random'
-      seed=p.seed, max_masks=p.max_masks, subsample_to=p.subsample_to, batch_size=p.batch_size,
-      pad_to=p.pad_to))
+  c.progress = True           # a tqdm bar per dataset and protocol (process 0)
+  c.protocols = 'single_point'  # which run, comma-separated: single_point, instances, proposals
+  for name, protocol in PROTOCOLS.items():
+    c[name] = _block(protocol)
+  # instances.boxes: the detector's COCO results JSON; several datasets: 'dataset:split=path,...'
   return c
 
 
-def protocol(config: ml_collections.ConfigDict) -> Protocol:
-  """The ``Protocol`` of a config's ``protocol`` block."""
-  p = config.protocol
-  if p.name != 'single_point':
-    raise ValueError(f'protocol {p.name!r}: only "single_point" is implemented')
-  return Protocol(num_points=p.num_points,
-                  first_points=tuple(v.strip() for v in p.first_points.split(',') if v.strip()),
-                  seed=p.seed, max_masks=p.max_masks, subsample_to=p.subsample_to,
-                  batch_size=p.batch_size, pad_to=p.pad_to)
+def protocols(config: ml_collections.ConfigDict) -> dict[str, object]:
+  """{name: Protocol} of the protocols ``config.protocols`` names, from their blocks."""
+  names = [v.strip() for v in config.protocols.split(',') if v.strip()]
+  unknown = [n for n in names if n not in PROTOCOLS]
+  if unknown or not names:
+    raise ValueError(f'config.protocols {config.protocols!r}: choose from {list(PROTOCOLS)}')
+  out = {}
+  for name in names:
+    cls = PROTOCOLS[name]
+    kinds = {f.name: f.default for f in dataclasses.fields(cls)}
+    values = {k: (tuple(s.strip() for s in v.split(',') if s.strip())
+                  if isinstance(kinds.get(k), tuple) else v)
+              for k, v in config[name].to_dict().items()}
+    unknown = sorted(set(values) - set(kinds))
+    if unknown:
+      raise ValueError(f'config.{name}: unknown settings {unknown}; known: {sorted(kinds)}')
+    out[name] = cls(**values)
+  return out
 
 
 def datasets(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
@@ -53,3 +70,18 @@ def datasets(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
   if not out:
     raise ValueError('config.datasets is empty: give "name:split[,name:split...]"')
   return out
+
+
+def boxes_file(boxes: str, dataset: str) -> str:
+  """The detector boxes of ``dataset`` ('name:split'): ``boxes`` is one path (every dataset) or
+  'name:split=path,...'."""
+  if '=' not in boxes:
+    if not boxes:
+      raise ValueError('the instances protocol needs detector boxes: '
+                       '--config.instances.boxes=PATH (a COCO results JSON)')
+    return boxes
+  files = dict(item.strip().rsplit('=', 1) for item in boxes.split(',') if item.strip())
+  if dataset not in files:
+    raise ValueError(f'config.instances.boxes names no boxes for {dataset} '
+                     f'(it has {sorted(files)})')
+  return files[dataset]

@@ -39,9 +39,9 @@ from flax import nnx
 from pycocotools import mask as mask_utils
 
 from sam_jax.evaluation import coco_eval
-from sam_jax.evaluation.single_point import MAX_LOGGED, _Skips
-from sam_jax.modeling.sam import Sam, postprocess_masks, postprocess_weights
-from sam_jax.predictor import SamPredictor, assemble_prompts
+from sam_jax.evaluation.single_point import MAX_LOGGED, Skips
+from sam_jax.modeling.sam import Sam, postprocess_masks
+from sam_jax.predictor import SamPredictor, assemble_prompts, padded_postprocess_weights
 
 log = logging.getLogger(__name__)
 
@@ -189,24 +189,6 @@ def box_program(graphdef: nnx.GraphDef) -> Callable:
   return jax.jit(run, static_argnames='refine')
 
 
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
-
-
-def padded_weights(predictor: SamPredictor, pad_to: int):
-  """The postprocess weights of the image set on ``predictor``, rows and columns padded to
-  multiples of ``pad_to`` with zero weights (logit 0 there: no mask) and the row taps to a power
-  of two, as ``single_point.decode`` pads them."""
-  cfg = predictor.model.config
-  h, w = predictor.original_size
-  idx, row_w, cols = postprocess_weights(cfg.low_res_size, cfg.image_size, predictor.input_size,
-                                         predictor.original_size)
-  k = idx.shape[1]
-  rows_pad = ((0, _round_up(h, pad_to) - h), (0, (1 << max(k - 1, 0).bit_length()) - k))
-  return (np.pad(idx, rows_pad), np.pad(row_w, rows_pad),  # (H', K') each
-          np.pad(cols, ((0, _round_up(w, pad_to) - w), (0, 0))))  # (W', L)
-
-
 def box_masks(predictor: SamPredictor, boxes_xywh: np.ndarray, protocol: Protocol,
               program: Callable | None = None) -> list[dict[str, Any]]:
   """COCO RLEs (str counts) of the masks that the boxes (n, 4) [x, y, w, h] of the image set on
@@ -219,10 +201,12 @@ def box_masks(predictor: SamPredictor, boxes_xywh: np.ndarray, protocol: Protoco
   b = 1 << max(min(n, protocol.batch_size) - 1, 0).bit_length()  # every batch padded to b
   xyxy = np.concatenate([boxes_xywh[:, :2], boxes_xywh[:, :2] + boxes_xywh[:, 2:]], 1)  # (n, 4)
   xyxy = predictor.transform.apply_boxes(xyxy, predictor.original_size)  # the input frame
-  weights = padded_weights(predictor, protocol.pad_to)
+  cfg = predictor.model.config
+  weights = padded_postprocess_weights(cfg.low_res_size, cfg.image_size, predictor.input_size,
+                                       predictor.original_size, protocol.pad_to)
   if program is None:
     program = box_program(nnx.split(predictor.model)[0])
-  state, image_pe = predictor._state, predictor._image_pe  # pylint: disable=protected-access
+  state, image_pe = predictor.state, predictor.image_pe
   rles = []
   for s in range(0, n, b):
     batch = np.zeros((b, 4), np.float32)
@@ -252,7 +236,7 @@ def run_images(model_or_predictor, source: Sequence[dict[str, Any]], indices, pr
   if detections is None:
     detections = load_detections(protocol.boxes)
   program = box_program(nnx.split(predictor.model)[0])
-  skips = _Skips(name)
+  skips = Skips(name)
   out, num_results = [], 0
   bar = tqdm(list(indices), desc=name, unit='img', disable=not progress, dynamic_ncols=True)
   for i in bar:

@@ -24,7 +24,7 @@ import numpy as np
 
 from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
 from sam_jax.evaluation import coco_eval
-from sam_jax.evaluation.single_point import MAX_LOGGED, _Skips
+from sam_jax.evaluation.single_point import MAX_LOGGED, Skips
 from sam_jax.predictor import SamPredictor
 from sam_jax.utils.amg import coco_encode_rle
 
@@ -85,7 +85,7 @@ def run_images(model_or_predictor, source: Sequence[dict[str, Any]], indices, pr
   from tqdm import tqdm
   generator = (model_or_predictor if isinstance(model_or_predictor, SamAutomaticMaskGenerator)
                else make_generator(model_or_predictor, protocol))
-  skips = _Skips(name)
+  skips = Skips(name)
   out, num_results = [], 0
   bar = tqdm(list(indices), desc=name, unit='img', disable=not progress, dynamic_ncols=True)
   for i in bar:

@@ -3,14 +3,20 @@
 
 ``results.json``::
 
-  {"model": {...}, "protocol": {...}, "config": {...},
-   "datasets": {"<name>:<split>": {
+  {"model": {...}, "protocols": {name: settings}, "config": {...},
+   "single_point": {"<name>:<split>": {
        "records_read", "images", "masks", "usable_masks", "subsampled", "skipped": {counter: n},
        "seconds", "variants": {"center" | "random": {
            "miou": {"1": ..., ..., "9": ...}, "oracle_miou_1": ...,
            "masks": [{"record", "image_id", "mask", "id", "first_point": [x, y],
                       "clicks": [[x, y, label], ...], "iou": [...], "oracle_iou"}, ...]}}}
-     | {"error": "..."}}}
+     | {"error": "..."}},
+   "instances": {"<name>:<split>": {"records_read", "images", "skipped", "detections",
+       "gt_masks", "gt_crowd", "results", "metrics": {AP, AP50, AP75, AP_S, AP_M, AP_L},
+       "protocol", "seconds"} | {"error": "..."}},
+   "proposals": {"<name>:<split>": {"records_read", "images", "skipped", "gt_masks", "gt_crowd",
+       "results", "empty_masks", "proposals_per_image", "metrics": {AR@10, AR@100, AR@1000,
+       AR_S@1000, AR_M@1000, AR_L@1000}, "protocol", "seconds"} | {"error": "..."}}}
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from sam_jax.evaluation.single_point import REPORTED_POINTS
 JSON_FILE, MARKDOWN_FILE, PLOT_FILE = 'results.json', 'results.md', 'miou_vs_points.png'
 
 
-def _fmt(v: float | None) -> str:
+def fmt(v: float | None) -> str:
   return '-' if v is None else f'{100 * v:.1f}'
 
 
@@ -32,33 +38,47 @@ def reported_points(num_points: int) -> list[int]:
 
 
 def markdown(results: dict[str, Any]) -> str:
+  """A section per protocol evaluated."""
+  from sam_jax.evaluation import instances, proposals
+  parts = []
+  if 'single_point' in results:
+    parts.append(single_point_markdown(results))
+  if 'instances' in results:
+    parts.append(instances.markdown(results['instances']))
+  if 'proposals' in results:
+    parts.append(proposals.markdown(results['proposals']))
+  return '\n'.join(parts)
+
+
+def single_point_markdown(results: dict[str, Any]) -> str:
   """Per first-click variant, a table of mIoU (%) by dataset and clicks, then what was skipped."""
-  points = reported_points(results['protocol']['num_points'])
+  protocol = results['protocols']['single_point']
+  points = reported_points(protocol['num_points'])
   lines = ['# Single point valid mask evaluation', '',
            f'Model: {results["model"]["variant"]} from '
            f'`{results["model"]["checkpoint"] or "random weights"}`. '
            'mIoU (%) of the most confident mask after N clicks (multimask output for the first '
            'click, single output after); "oracle @1": the best of the 3 first-click masks.', '']
-  ok = {k: v for k, v in results['datasets'].items() if 'variants' in v}
-  for variant in results['protocol']['first_points']:
+  ok = {k: v for k, v in results['single_point'].items() if 'variants' in v}
+  for variant in protocol['first_points']:
     lines += [f'## First click: {variant}', '',
               '| dataset | masks | ' + ' | '.join(f'{p} pt' for p in points) + ' | oracle @1 |',
               '|---|---:|' + '---:|' * (len(points) + 1)]
     for name, res in ok.items():
       r = res['variants'][variant]
-      lines.append(f'| {name} | {res["masks"]} | ' + ' | '.join(_fmt(r['miou'][str(p)])
+      lines.append(f'| {name} | {res["masks"]} | ' + ' | '.join(fmt(r['miou'][str(p)])
                                                              for p in points)
-                   + f' | {_fmt(r["oracle_miou_1"])} |')
+                   + f' | {fmt(r["oracle_miou_1"])} |')
     scored = [r for r in ok.values() if r['masks']]
     if len(scored) > 1:  # the mean over datasets, as the paper's SA-23 figures
       mean = lambda key: sum(key(r['variants'][variant]) for r in scored) / len(scored)
       lines.append(f'| **mean of {len(scored)}** | | ' + ' | '.join(
-          _fmt(mean(lambda r, p=p: r['miou'][str(p)])) for p in points)
-                   + f' | {_fmt(mean(lambda r: r["oracle_miou_1"]))} |')
+          fmt(mean(lambda r, p=p: r['miou'][str(p)])) for p in points)
+                   + f' | {fmt(mean(lambda r: r["oracle_miou_1"]))} |')
     lines.append('')
   lines += ['## Data', '', '| dataset | records read | images | masks (usable) | subsampled | '
             'skipped | seconds |', '|---|---:|---:|---:|:---:|---|---:|']
-  for name, res in results['datasets'].items():
+  for name, res in results['single_point'].items():
     if 'error' in res:
       lines.append(f'| {name} | - | - | - | - | error: {res["error"].splitlines()[0]} | - |')
       continue
@@ -74,10 +94,10 @@ def plot(results: dict[str, Any], path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  n = results['protocol']['num_points']
+  n = results['protocols']['single_point']['num_points']
   fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
   styles = {'center': '-', 'random': '--'}
-  for c, (name, res) in enumerate(results['datasets'].items()):
+  for c, (name, res) in enumerate(results['single_point'].items()):
     if 'variants' not in res or not res['masks']:
       continue
     color = f'C{c % 10}'
@@ -107,4 +127,5 @@ def write(results: dict[str, Any], workdir: str) -> None:
   os.replace(tmp, os.path.join(workdir, JSON_FILE))
   with open(os.path.join(workdir, MARKDOWN_FILE), 'w') as f:
     f.write(markdown(results))
-  plot(results, os.path.join(workdir, PLOT_FILE))
+  if 'single_point' in results:
+    plot(results, os.path.join(workdir, PLOT_FILE))

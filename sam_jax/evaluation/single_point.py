@@ -236,7 +236,7 @@ def decode_image(data: bytes) -> np.ndarray:
     return np.asarray(im.convert('RGB'))
 
 
-class _Skips:
+class Skips:
   """Counts what is skipped and logs the first ``MAX_LOGGED`` records one by one."""
 
   def __init__(self, name: str):
@@ -249,7 +249,7 @@ class _Skips:
       log.warning('%s: skipping record %d (%s): %s', self.name, index, counter, why)
 
 
-def index_source(source: Sequence[dict[str, Any]], num_records: int, skips: _Skips
+def index_source(source: Sequence[dict[str, Any]], num_records: int, skips: Skips
                  ) -> list[tuple[int, np.ndarray]]:
   """(record index, indices of its usable masks) for every record with one; the rest counted."""
   checks = InputConfig(include_crowd=False, max_area_fraction=float('inf'))
@@ -309,23 +309,34 @@ def miou_by_points(ious: np.ndarray) -> dict[str, float | None]:
           for p in range(ious.shape[1])}
 
 
-def evaluate_source(predictor, source: Sequence[dict[str, Any]], protocol: Protocol = Protocol(),
-                    *, name: str = 'dataset', max_images: int = 0, progress: bool = True
-                    ) -> dict[str, Any]:
-  """The protocol over a random-access source of records (``sam_jax.data.sources.open_source``),
-  the first ``max_images`` records only when that is > 0. Returns every figure and every mask's
-  clicks (see ``sam_jax.evaluation.report``)."""
-  from tqdm import tqdm
-  start = time.time()
+def select_masks(source: Sequence[dict[str, Any]], protocol: Protocol, *, name: str = 'dataset',
+                 max_images: int = 0) -> tuple[list[tuple[int, np.ndarray]], dict[str, Any]]:
+  """The (record index, mask indices) to evaluate (every host computes the same), and what the
+  selection found: records_read, usable_masks, subsampled, skipped (counts)."""
   num_records = len(source) if not max_images else min(len(source), max_images)
-  skips = _Skips(name)
+  skips = Skips(name)
   index = index_source(source, num_records, skips)
+  if skips.logged > MAX_LOGGED:
+    log.warning('%s: %d records skipped in all (the first %d logged)', name, skips.logged,
+                MAX_LOGGED)
   selected, subsampled = subsample(index, protocol)
-  per_mask = {v: [] for v in protocol.first_points}
-  ious = {v: [] for v in protocol.first_points}
-  oracle = {v: [] for v in protocol.first_points}
+  return selected, {'records_read': num_records, 'usable_masks': int(sum(len(m) for _, m in index)),
+                    'subsampled': subsampled, 'skipped': skips.counts}
+
+
+def run_images(predictor, source: Sequence[dict[str, Any]], selected, protocol: Protocol, *,
+               name: str = 'dataset', progress: bool = True) -> list[dict[str, Any]]:
+  """The protocol on ``selected`` [(record index, mask indices), ...] (from ``select_masks``): per
+  image a JSON-serialisable entry {record, counts (skips), masks: {variant: [per mask: record,
+  image_id, mask, id, first_point, clicks, iou (after 1 .. P clicks), oracle_iou]}}."""
+  from tqdm import tqdm
+  skips = Skips(name)
+  out = []
   bar = tqdm(selected, desc=name, unit='img', disable=not progress, dynamic_ncols=True)
   for i, chosen in bar:
+    skips.counts = dict.fromkeys(COUNTERS, 0)  # this image's
+    entry = {'record': int(i), 'counts': skips.counts, 'masks': {}}
+    out.append(entry)
     try:
       record = source[i]
       table = mask_table(record)
@@ -350,36 +361,57 @@ def evaluate_source(predictor, source: Sequence[dict[str, Any]], protocol: Proto
         first = random_points(gt, protocol.seed, i, chosen)
       res = run_clicks(predictor, gt, first, protocol.num_points, protocol.batch_size,
                        protocol.pad_to)
-      ious[variant].append(res.ious)
-      oracle[variant].append(res.oracle_iou)
-      for m, j in enumerate(chosen):
-        clicks = [[int(x), int(y), int(lab)] for (x, y), lab in zip(res.points[m], res.labels[m])
-                  if lab >= 0]
-        per_mask[variant].append({
-            'record': int(i), 'image_id': int(record.get('image_id', -1)), 'mask': int(j),
-            'id': int(table['id'][j]) if 'id' in table else -1,
-            'first_point': clicks[0][:2], 'clicks': clicks,
-            'iou': [round(float(v), 6) for v in res.ious[m]],
-            'oracle_iou': round(float(res.oracle_iou[m]), 6)})
+      entry['masks'][variant] = [{
+          'record': int(i), 'image_id': int(record.get('image_id', -1)), 'mask': int(j),
+          'id': int(table['id'][j]) if 'id' in table else -1,
+          'first_point': [int(v) for v in res.points[m, 0]],
+          'clicks': [[int(x), int(y), int(lab)] for (x, y), lab in zip(res.points[m], res.labels[m])
+                     if lab >= 0],
+          'iou': res.ious[m].tolist(), 'oracle_iou': float(res.oracle_iou[m])}
+                                 for m, j in enumerate(chosen)]
+    predictor.reset_image()
     skips.counts['images_ok'] += 1
-    first_variant = protocol.first_points[0]
-    bar.set_postfix(masks=sum(map(len, oracle[first_variant])),
-                    miou1=f'{np.concatenate(ious[first_variant])[:, 0].mean():.3f}')
+    first_masks = [m for e in out for m in e['masks'].get(protocol.first_points[0], ())]
+    bar.set_postfix(masks=len(first_masks),
+                    miou1=f'{np.mean([m["iou"][0] for m in first_masks]):.3f}')
   bar.close()
   if skips.logged > MAX_LOGGED:
     log.warning('%s: %d skipped records in all (the first %d logged)', name, skips.logged,
                 MAX_LOGGED)
+  return out
+
+
+def summarize(per_image: Sequence[dict[str, Any]], protocol: Protocol, selection: dict[str, Any]
+              ) -> dict[str, Any]:
+  """The figures of all ``per_image`` entries (from any number of ``run_images`` calls, in any
+  order) and of ``select_masks``'s ``selection``; see ``sam_jax.evaluation.report``."""
+  per_image = sorted(per_image, key=lambda e: e['record'])
+  skipped = dict(selection['skipped'])
+  for e in per_image:
+    for k, v in e['counts'].items():
+      skipped[k] += v
   variants = {}
   for v in protocol.first_points:
-    all_ious = (np.concatenate(ious[v]) if ious[v] else np.zeros((0, protocol.num_points)))
-    all_oracle = np.concatenate(oracle[v]) if oracle[v] else np.zeros(0)
-    variants[v] = {'miou': miou_by_points(all_ious),
-                   'oracle_miou_1': float(all_oracle.mean()) if len(all_oracle) else None,
-                   'masks': per_mask[v]}
-  return {
-      'records_read': num_records, 'images': skips.counts['images_ok'],
-      'masks': len(per_mask[protocol.first_points[0]]),
-      'usable_masks': int(sum(len(m) for _, m in index)),
-      'subsampled': subsampled, 'skipped': skips.counts, 'seconds': round(time.time() - start, 2),
-      'variants': variants,
-  }
+    masks = [dict(m, iou=[round(x, 6) for x in m['iou']], oracle_iou=round(m['oracle_iou'], 6))
+             for e in per_image for m in e['masks'].get(v, ())]
+    ious = np.array([m['iou'] for e in per_image for m in e['masks'].get(v, ())]
+                    ).reshape(-1, protocol.num_points)  # (M, P)
+    oracle = [m['oracle_iou'] for e in per_image for m in e['masks'].get(v, ())]
+    variants[v] = {'miou': miou_by_points(ious),
+                   'oracle_miou_1': float(np.mean(oracle)) if oracle else None, 'masks': masks}
+  return {'records_read': selection['records_read'], 'images': skipped['images_ok'],
+          'masks': len(variants[protocol.first_points[0]]['masks']),
+          'usable_masks': selection['usable_masks'], 'subsampled': selection['subsampled'],
+          'skipped': skipped, 'variants': variants}
+
+
+def evaluate_source(predictor, source: Sequence[dict[str, Any]], protocol: Protocol = Protocol(),
+                    *, name: str = 'dataset', max_images: int = 0, progress: bool = True
+                    ) -> dict[str, Any]:
+  """The protocol over a random-access source of records (``sam_jax.data.sources.open_source``),
+  the first ``max_images`` records only when that is > 0, on one device. Returns every figure and
+  every mask's clicks (see ``sam_jax.evaluation.report``)."""
+  start = time.time()
+  selected, selection = select_masks(source, protocol, name=name, max_images=max_images)
+  per_image = run_images(predictor, source, selected, protocol, name=name, progress=progress)
+  return {**summarize(per_image, protocol, selection), 'seconds': round(time.time() - start, 2)}
