@@ -96,7 +96,7 @@ def evaluate(name: str, protocol, workers: dict[str, list], source, key: str, co
   if name == 'instances':
     protocol = dataclasses.replace(protocol,
                                    boxes=eval_config.boxes_file(protocol.boxes, key))
-    detections = instances.load_detections(protocol.boxes)
+    detections = instances.load_detections(protocol.boxes, source, records)
     per_image = parallel.run_split(instances.run_images, workers['predictors'], source, records,
                                    protocol, name=key, progress=progress, detections=detections)
     res = instances.summarize(source, per_image, protocol, name=key, detections=detections)

@@ -194,7 +194,8 @@ class SamAutomaticMaskGenerator:
     # On CPU the decoder runs ~2x faster one prompt at a time: a prompt's (g*g, C) image tokens
     # stay in cache, while a whole batch streams (P, g*g, C) activations through memory.
     self._one_at_a_time = all(d.platform == 'cpu' for leaf in jax.tree.leaves(self._state)
-                              for d in leaf.devices())
+                              for d in (leaf.devices() if isinstance(leaf, jax.Array)
+                                        else jax.local_devices()[:1]))
     self._image_pe = programs(graphdef).dense_pe(self._state)
 
   def generate(self, image: np.ndarray) -> list[dict[str, Any]]:

@@ -140,6 +140,22 @@ def test_crowd_regions_are_ignored():
   assert coco_eval.mask_ap(no_crowd.coco, dets)['AP'] == pytest.approx(0.5)
 
 
+def test_ground_truth_boxes_are_the_masks_own():
+  """boxes='ground_truth': one detection per valid non-crowd mask, its tight box, score 1."""
+  crowd = rect(100, 0, 160, 120)
+  records = [make_record(1, [MEDIUM, crowd, SMALL], categories=[3, 1, 4],
+                         crowd=[False, True, False]),
+             make_record(2, [LARGE]), make_record(3, [], image=b'not an image')]
+  dets = instances.load_detections(instances.GROUND_TRUTH_BOXES, records, range(3))
+  assert sorted(dets.by_image) == [1, 2] and dets.counts['detections_read'] == 3
+  first = dets.by_image[1]
+  assert sorted(map(tuple, first.boxes.tolist())) == [(0, 0, 10, 10), (20, 20, 40, 40)]
+  assert sorted(first.category_ids.tolist()) == [3, 4] and first.scores.tolist() == [1.0, 1.0]
+  assert dets.by_image[2].boxes.tolist() == [[10, 60, 100, 100]]
+  with pytest.raises(ValueError, match='needs the dataset'):
+    instances.load_detections(instances.GROUND_TRUTH_BOXES)
+
+
 def test_ground_truth_leaves_out_bad_masks_and_images():
   good = make_record(1, [MEDIUM, LARGE])
   good['masks'][1]['area'] = 0  # no area in the source: the RLE's pixel count is used

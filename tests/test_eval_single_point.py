@@ -201,6 +201,16 @@ def test_eval_writes_every_figure_table_plot_and_log(eval_run):
     assert im.size[0] > 300 and im.size[1] > 200
   log = open(os.path.join(workdir, 'logs', 'synthetic_shapes_evaltest_validation.log')).read()
   assert 'mIoU' in log
+  # The other protocols of configs/eval/synthetic.py: box prompts from the masks' own boxes, and
+  # proposals, scored by COCOeval on the same images.
+  inst = results['instances']['synthetic_shapes/evaltest:validation']
+  assert inst['images'] == 3 and inst['results'] == inst['gt_masks'] == shapes['masks']
+  assert inst['protocol']['boxes'] == 'ground_truth' and 0 <= inst['metrics']['AP'] <= 1
+  prop = results['proposals']['synthetic_shapes/evaltest:validation']
+  assert prop['images'] == 3 and prop['protocol']['points_per_side'] == 16
+  assert 0 < prop['proposals_per_image'] <= 3 * 16 * 16 and 0 <= prop['metrics']['AR@1000'] <= 1
+  assert '# Instance segmentation from detector boxes' in table and '# Object proposals' in table
+  assert 'AP' in log and 'AR@1000' in log
 
 
 def test_bad_records_and_datasets_are_reported_and_skipped(eval_run):
@@ -211,7 +221,12 @@ def test_bad_records_and_datasets_are_reported_and_skipped(eval_run):
   assert bad['skipped'] == {**dict.fromkeys(single_point.COUNTERS, 0), 'images_ok': 1,
                             'images_corrupt': 2, 'images_no_usable_mask': 2,
                             'masks_invalid_rle': 1}
-  assert 'not built' in results['single_point']['coco_format/not_built:validation']['error']
+  for protocol in ('single_point', 'instances', 'proposals'):
+    assert 'not built' in results[protocol]['coco_format/not_built:validation']['error']
+  for protocol in ('instances', 'proposals'):
+    skipped = results[protocol]['sa1b:train']['skipped']
+    assert results[protocol]['sa1b:train']['images'] == 1, protocol
+    assert (skipped['images_corrupt'], skipped['images_no_usable_mask']) == (2, 2), protocol
   table = open(os.path.join(workdir, 'results.md')).read()
   assert 'images_corrupt 2' in table and 'images_no_usable_mask 2' in table and 'error:' in table
   log = open(os.path.join(workdir, 'logs', 'sa1b_train.log')).read()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -53,8 +54,9 @@ def load_state(path: str | os.PathLike, cfg: SamConfig, abstract_state: nnx.Stat
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f'checkpoint {path} does not exist')
-  if orbax_io.is_orbax_checkpoint(path):
-    return orbax_io.load(path, cfg, abstract_state)
+  if orbax_io.is_orbax_checkpoint(path):  # restored as numpy: onto the device once, here, or
+    # every jitted call would copy the parameters again
+    return jax.tree.map(jnp.asarray, orbax_io.load(path, cfg, abstract_state))
   flat = official.check_and_convert(read_state_dict(path), cfg, abstract_state)
   state = jax_tree_copy(abstract_state)
   for p, var in nnx.to_flat_state(state):

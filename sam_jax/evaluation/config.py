@@ -34,7 +34,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.protocols = 'single_point'  # which run, comma-separated: single_point, instances, proposals
   for name, protocol in PROTOCOLS.items():
     c[name] = _block(protocol)
-  # instances.boxes: the detector's COCO results JSON; several datasets: 'dataset:split=path,...'
+  # instances.boxes: the detector's COCO results JSON; several datasets: 'dataset:split=path,...';
+  # 'ground_truth': each mask's own box (an oracle detector)
   return c
 
 
@@ -74,7 +75,7 @@ def datasets(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
 
 def boxes_file(boxes: str, dataset: str) -> str:
   """The detector boxes of ``dataset`` ('name:split'): ``boxes`` is one path (every dataset) or
-  'name:split=path,...'."""
+  'name:split=path,...'; 'ground_truth' for the dataset's own mask boxes."""
   if '=' not in boxes:
     if not boxes:
       raise ValueError('the instances protocol needs detector boxes: '

@@ -29,7 +29,7 @@ import json
 import logging
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ from flax import nnx
 from pycocotools import mask as mask_utils
 
 from sam_jax.evaluation import coco_eval
-from sam_jax.evaluation.single_point import MAX_LOGGED, Skips
+from sam_jax.evaluation.single_point import MAX_LOGGED, Skips, image_size
 from sam_jax.modeling.sam import Sam, postprocess_masks
 from sam_jax.predictor import SamPredictor, assemble_prompts, padded_postprocess_weights
 
@@ -56,6 +56,7 @@ DETECTION_COUNTERS = (
 )
 PER_IMAGE_COUNTERS = ('detections_used', 'detections_below_score', 'detections_over_max',
                       'detections_on_skipped_images')
+GROUND_TRUTH_BOXES = 'ground_truth'
 FORMAT = ('a JSON list of detections [{"image_id": int, "category_id": int, '
           '"bbox": [x, y, w, h], "score": float}, ...] (COCO results format)')
 # Paper, Table 5 (SAM ViT-H prompted with ViTDet-H boxes): mask AP.
@@ -65,7 +66,8 @@ PAPER_AP = {'COCO': 46.5, 'LVIS v1': 44.7}
 @dataclasses.dataclass(frozen=True)
 class Protocol:
   """Settings of the protocol."""
-  boxes: str = ''                 # the detector's COCO results JSON (boxes), one per dataset
+  boxes: str = ''                 # the detector's COCO results JSON (boxes), one per dataset, or
+                                  # 'ground_truth': the dataset's own mask boxes (an oracle)
   refine: bool = True             # the second pass with the first pass's logits fed back
   batch_size: int = 128           # boxes of one image per decoder call (padded to a power of
                                   # 2): the default takes an image's 100 detections at once
@@ -141,8 +143,39 @@ def parse_detections(data: Any, where: str = 'boxes') -> DetectionFile:
   return DetectionFile(by_image, counts)
 
 
-def load_detections(path: str) -> DetectionFile:
-  """``parse_detections`` of a JSON file (local or any ``etils.epath`` path)."""
+def ground_truth_detections(source: Sequence[dict[str, Any]], indices: Iterable[int]
+                            ) -> DetectionFile:
+  """An oracle detector: the box of every valid, non-crowd mask of the records ``indices``, score
+  1 and the mask's category (``boxes='ground_truth'``: box-prompt AP without a detector, e.g. on
+  the synthetic shapes; unreadable records are left to ``run_images`` to count)."""
+  dets = []
+  for i in indices:
+    try:
+      record = source[i]
+      table, usable, _ = coco_eval.usable_masks(record, image_size(record['image']),
+                                                dict.fromkeys(coco_eval.COUNTERS, 0))
+    except Exception:  # pylint: disable=broad-except  # counted when the image is evaluated
+      continue
+    for j in usable:
+      if 'is_crowd' in table and table['is_crowd'][j]:
+        continue
+      counts = table['counts'][j]
+      rle = {'size': [int(v) for v in table['size'][j]],
+             'counts': counts.encode() if isinstance(counts, str) else bytes(counts)}
+      dets.append({'image_id': int(record['image_id']), 'score': 1.0,
+                   'category_id': int(table['category_id'][j]) if 'category_id' in table else 0,
+                   'bbox': [float(v) for v in mask_utils.toBbox(rle)]})
+  return parse_detections(dets, 'ground-truth boxes')
+
+
+def load_detections(path: str, source: Sequence[dict[str, Any]] | None = None,
+                    indices: Iterable[int] = ()) -> DetectionFile:
+  """``parse_detections`` of a JSON file (local or any ``etils.epath`` path), or, for
+  ``GROUND_TRUTH_BOXES``, ``ground_truth_detections(source, indices)``."""
+  if path == GROUND_TRUTH_BOXES:
+    if source is None:
+      raise ValueError(f'boxes={GROUND_TRUTH_BOXES!r} needs the dataset')
+    return ground_truth_detections(source, indices)
   if not path:
     raise ValueError('no boxes file: set the protocol\'s boxes (a detector\'s COCO results JSON)')
   try:
@@ -234,7 +267,8 @@ def run_images(model_or_predictor, source: Sequence[dict[str, Any]], indices, pr
   predictor = (model_or_predictor if isinstance(model_or_predictor, SamPredictor)
                else SamPredictor(model_or_predictor))
   if detections is None:
-    detections = load_detections(protocol.boxes)
+    indices = list(indices)
+    detections = load_detections(protocol.boxes, source, indices)
   program = box_program(nnx.split(predictor.model)[0])
   skips = Skips(name)
   out, num_results = [], 0
@@ -275,7 +309,7 @@ def summarize(source: Sequence[dict[str, Any]], per_image: Sequence[dict[str, An
   ground truth of the images they evaluated: images, skipped (``coco_eval.COUNTERS``),
   detections (``DETECTION_COUNTERS``), gt_masks, gt_crowd, results, metrics (``AP_KEYS``)."""
   if detections is None:
-    detections = load_detections(protocol.boxes)
+    detections = load_detections(protocol.boxes, source, [e['record'] for e in per_image])
   gt, kept, skipped = coco_eval.evaluated_ground_truth(source, per_image, name)
   results = coco_results(kept)
   dets = {**coco_eval.sum_counts(per_image, DETECTION_COUNTERS), **detections.counts}
@@ -299,8 +333,8 @@ def evaluate_source(model_or_predictor, source: Sequence[dict[str, Any]],
   """The protocol over a random-access source of records (the first ``max_images`` when > 0):
   ``summarize``'s figures plus records_read, seconds and the protocol."""
   start = time.time()
-  detections = load_detections(protocol.boxes)
   num_records = len(source) if not max_images else min(len(source), max_images)
+  detections = load_detections(protocol.boxes, source, range(num_records))
   per_image = run_images(model_or_predictor, source, range(num_records), protocol, name=name,
                          progress=progress, detections=detections)
   out = summarize(source, per_image, protocol, name=name, detections=detections)
