@@ -1,9 +1,17 @@
 """Train SAM: ``python train.py --config=configs/NAME.py[:arg] --workdir=DIR [--config.x=y ...]``.
 
 Resume order: the workdir's latest checkpoint, else ``--config.init_checkpoint`` (any form the
-model registry reads), else from scratch. Multi-host: ``jax.distributed.initialize()`` runs when
-the environment describes a cluster (TPU pods, SLURM, or JAX_COORDINATOR_ADDRESS /
-JAX_NUM_PROCESSES / JAX_PROCESS_ID) or when ``--coordinator_address`` is given.
+model registry reads), else from scratch. Multi-host, one train.py per host:
+``jax.distributed.initialize()`` runs with ``--distributed`` (JAX finds the cluster: TPU VM pods,
+SLURM, Open MPI, Kubernetes), when the environment names one (SLURM_JOB_ID, TPU_WORKER_HOSTNAMES,
+OMPI_COMM_WORLD_SIZE, or JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID), or
+with ``--coordinator_address --num_processes --process_id``.
+
+Before launching on a pod, check that the config fits, on any machine with the ``tpu`` extra:
+``python train.py --config=configs/sam_vit_h.py:v5p-128 --compile_only --topology=v5p-128``
+compiles the same sharded step from shapes alone and prints memory per chip against its HBM,
+model FLOPs per step and the parameter / optimizer-state sharding (sam_jax/training/compile_only.py;
+exit status 1 when it does not fit). Without --topology it compiles for this machine's devices.
 """
 from __future__ import annotations
 
@@ -16,12 +24,19 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py[:arg]).',
                                 lock_config=True)
-flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard events, summary.json.')
+flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard events, summary.json '
+                    '(with --compile_only: optional, receives compile_report.json).')
+flags.DEFINE_bool('compile_only', False, 'Compile the train step and report memory per chip, '
+                  'FLOPs and sharding; train nothing.')
+flags.DEFINE_string('topology', None, 'With --compile_only: a TPU slice (v5p:4x4x4, v5p-128, '
+                    'v5e-64, ...) or a GPU cluster estimate (h100:16x8); default: this machine.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
 flags.DEFINE_integer('num_processes', None, 'Processes in the job (multi-host).')
 flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
 flags.DEFINE_integer('local_device_count', None, 'CPU only: devices per process (tests).')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() and let JAX detect the '
+                  'cluster (needed on TPU VM pods, whose environment names none).')
+flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
 
 CLUSTER_ENV = ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID',
@@ -35,15 +50,39 @@ def initialize_distributed() -> None:
   if FLAGS.coordinator_address:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif any(k in os.environ for k in CLUSTER_ENV) and int(os.environ.get('JAX_NUM_PROCESSES',
-                                                                       '2')) > 1:
-    jax.distributed.initialize()
+  elif FLAGS.distributed or (any(k in os.environ for k in CLUSTER_ENV)
+                             and int(os.environ.get('JAX_NUM_PROCESSES', '2')) > 1):
+    count, index = os.environ.get('JAX_NUM_PROCESSES'), os.environ.get('JAX_PROCESS_ID')
+    jax.distributed.initialize(num_processes=int(count) if count else None,
+                               process_id=int(index) if index else None)
+
+
+def compile_only() -> int:
+  """--compile_only: the report of sam_jax/training/compile_only.py; exit status 1: does not fit."""
+  import jax
+  if FLAGS.topology:  # the target's devices come from libtpu; this process computes on the CPU
+    jax.config.update('jax_platforms', 'cpu')
+  from sam_jax.training import compile_only as aot, topology
+  try:
+    target = topology.get_target(FLAGS.topology) if FLAGS.topology else topology.local_target()
+    return aot.main(FLAGS.config, target, FLAGS.workdir)
+  except (ValueError, RuntimeError) as e:
+    if isinstance(e, jax.errors.JaxRuntimeError):
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    return 2
 
 
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.WARNING)  # orbax and absl are chatty at INFO
   logging.getLogger('sam_jax').setLevel(logging.INFO)
+  if FLAGS.topology and not FLAGS.compile_only:
+    raise app.UsageError('--topology is for --compile_only')
+  if FLAGS.compile_only:
+    sys.exit(compile_only())
+  if not FLAGS.workdir:
+    raise app.UsageError('--workdir is required (except with --compile_only)')
   initialize_distributed()
   from sam_jax.training.loop import NonFiniteLossError, train_and_evaluate
   try:

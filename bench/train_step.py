@@ -95,6 +95,7 @@ def main(argv=None) -> int:
   config.model = args.model
   config.model_dtype = args.dtype or ('float32' if on_cpu else 'bfloat16')
   config.data.image_size = 256 if args.model == 'vit_tiny' else 1024
+  config.global_batch_size = 0  # the batch is per device here
   config.data.batch_size = args.images * jax.local_device_count()
   config.data.max_masks = args.masks
   config.num_rounds = args.rounds

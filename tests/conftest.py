@@ -3,6 +3,9 @@ import os
 import sys
 
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+# The tests run on the CPU; with libtpu installed (the tpu extra, for the compile-only tests) jax
+# would otherwise probe for a TPU in every process and hold libtpu's machine-wide lock.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torchvision_shim  # noqa: E402

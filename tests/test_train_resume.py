@@ -338,6 +338,8 @@ def test_training_workdir_loads_in_the_inference_api(reference):
   workdir, ref_state = reference
   model = sam_model_registry['vit_tiny'](checkpoint=workdir)
   assert_same_tree(model_params(model), params_of(ref_state))
+  from sam_jax.training.checkpointing import load_model  # the notebook path (also gs://)
+  assert_same_tree(model_params(load_model(str(workdir))), params_of(ref_state))
   predictor = SamPredictor(model)
   predictor.set_image(np.random.default_rng(0).integers(0, 255, (120, 200, 3), dtype=np.uint8))
   masks, iou, low = predictor.predict(point_coords=np.array([[50.0, 60.0]]),

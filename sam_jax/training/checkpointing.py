@@ -5,17 +5,18 @@ frozen rest, optimizer state, RNG) and ``data`` (the input pipeline's position, 
 asynchronous (the arrays are copied to host before ``save`` returns, so the next step may donate
 them); a save is also made when the cluster announces a preemption (``reached_preemption``).
 ``<workdir>/sam_config.json`` records the model configuration, so ``sam_model_registry[variant](
-checkpoint=workdir)`` loads the latest parameters, on one device, whatever mesh wrote them.
+checkpoint=workdir)`` loads the latest parameters, on one device, whatever mesh wrote them; so
+does ``load_model(workdir)``, also from gs:// (paths go through ``etils.epath``, as orbax's do).
 """
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from sam_jax.checkpoints import orbax_io
@@ -24,14 +25,21 @@ from sam_jax.modeling.config import SamConfig
 CHECKPOINTS_DIR = 'checkpoints'
 
 
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """A local path (made absolute, as orbax wants) or a URL such as gs://bucket/run."""
+  p = epath.Path(path)
+  return p if '://' in os.fspath(path) else p.absolute()
+
+
 def write_model_config(workdir: str | os.PathLike, cfg: SamConfig, trainable: str) -> None:
-  path = Path(workdir) / orbax_io.CONFIG_FILE
+  path = as_path(workdir) / orbax_io.CONFIG_FILE
   path.write_text(json.dumps({'model': cfg.to_dict(), 'format': 1, 'training': True,
                               'trainable': trainable}, indent=1))
 
 
 def is_training_workdir(path: str | os.PathLike) -> bool:
-  return (Path(path) / CHECKPOINTS_DIR).is_dir() and (Path(path) / orbax_io.CONFIG_FILE).is_file()
+  path = as_path(path)
+  return (path / CHECKPOINTS_DIR).is_dir() and (path / orbax_io.CONFIG_FILE).is_file()
 
 
 class Checkpointer:
@@ -43,8 +51,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)  # saves a kill cut short
-    self.manager = ocp.CheckpointManager(os.path.join(os.fspath(workdir), CHECKPOINTS_DIR),
-                                         options=options)
+    self.manager = ocp.CheckpointManager(as_path(workdir) / CHECKPOINTS_DIR, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -74,7 +81,7 @@ def load_model_state(workdir: str | os.PathLike, abstract_state: nnx.State) -> n
   """The latest checkpoint's parameters of a training workdir as a Sam model's whole state, on
   the default device (whatever mesh wrote them)."""
   from sam_jax.training.train_step import TRAINABLE
-  workdir = Path(workdir).absolute()
+  workdir = as_path(workdir)
   trainable = json.loads((workdir / orbax_io.CONFIG_FILE).read_text()).get('trainable', 'all')
   with ocp.CheckpointManager(workdir / CHECKPOINTS_DIR,
                              options=ocp.CheckpointManagerOptions(read_only=True)) as manager:
@@ -92,3 +99,14 @@ def load_model_state(workdir: str | os.PathLike, abstract_state: nnx.State) -> n
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)))['state']
   return nnx.merge_state(restored['params'], restored['frozen'])
+
+
+def load_model(workdir: str | os.PathLike, *, dtype: str | None = None):
+  """The latest checkpoint of a training workdir (local or gs://...) as a Sam model on one
+  device, e.g. in a notebook; ``dtype``: compute dtype (parameters stay float32)."""
+  from sam_jax.modeling.sam import Sam
+  workdir = as_path(workdir)
+  cfg = SamConfig.from_dict(json.loads((workdir / orbax_io.CONFIG_FILE).read_text())['model'])
+  cfg = cfg.replace(dtype=dtype) if dtype else cfg
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, load_model_state(workdir, abstract_state))

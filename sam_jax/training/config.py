@@ -30,6 +30,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.data[name] = ml_collections.config_dict.placeholder(kind)
   c.data.dataset = 'sa1b'
   c.data.batch_size = 1             # images per process; the global batch is this x processes
+  c.global_batch_size = 0           # images per step over all processes; when set, it decides
+                                    # and data.batch_size becomes global / processes
+  c.microbatches = 1                # the step runs its batch in this many sequential pieces and
+                                    # sums their gradients (one update): activations of
+                                    # batch / microbatches images at a time
   c.data.normalize = False          # uint8 to the device (4x less host -> device), normalised there
   c.eval_data = ml_collections.ConfigDict()  # overrides of `data` for held-out evaluation
   c.eval_data.split = 'validation'
@@ -78,12 +83,26 @@ RECIPES = {
 }
 
 
+# How the paper's global batch is laid out on a slice, checked by compiling for it
+# (``train.py --compile_only --topology=SLICE``; figures per chip in the README):
+#   (model, slice): (data, fsdp, microbatches, encoder remat policy)
+# Data parallel fits all three, so no FSDP all-gathers are paid: vit_h's 7.2 GiB of parameters and
+# Adam state sit on every chip (--config.mesh.fsdp=4 would make that 1.8 GiB).
+POD_LAYOUTS = {
+    ('vit_h', 'v5p-128'): (-1, 1, 1, 'block'),   # 64 chips x 4 images: 38.1 of 95.7 GiB
+    ('vit_h', 'v5p-256'): (-1, 1, 1, 'block'),   # 128 chips x 2 images: 26.0 of 95.7 GiB
+    ('vit_b', 'v5e-64'): (-1, 1, 1, 'block'),    # 64 chips x 2 images: 14.1 of 15.75 GiB
+}                                                # (9.1 GiB with --config.microbatches=2)
+
+
 def paper_config(model: str, arg: str = '') -> ml_collections.ConfigDict:
-  """``default_config`` with the paper's recipe for ``model`` on SA-1B; ``arg='cpu'``: the same
+  """``default_config`` with the paper's recipe for ``model`` on SA-1B. ``arg``: a slice of
+  ``POD_LAYOUTS`` (e.g. 'v5p-128') sets its mesh, microbatches and remat policy; 'cpu': the same
   program at toy sizes (2 steps, 2 masks, 3 rounds), to check a launch command anywhere."""
-  steps, _, lr, layer_decay, drop_path, decays = RECIPES[model]  # batch: per process, by flag
+  steps, batch, lr, layer_decay, drop_path, decays = RECIPES[model]
   c = default_config()
   c.model = model
+  c.global_batch_size = batch       # shared among the processes (data.batch_size is derived)
   c.data.dataset = 'sa1b'
   c.num_steps = steps
   c.optimizer.learning_rate = lr
@@ -91,6 +110,7 @@ def paper_config(model: str, arg: str = '') -> ml_collections.ConfigDict:
   c.optimizer.decay_steps = decays
   c.drop_path_rate = drop_path
   if arg == 'cpu':
+    c.global_batch_size = 0         # data.batch_size (1) per process
     c.data.dataset = 'synthetic_shapes/s1024'  # built on first use, no download
     c.model_dtype = 'float32'
     c.num_steps = 2
@@ -99,6 +119,10 @@ def paper_config(model: str, arg: str = '') -> ml_collections.ConfigDict:
     c.eval_rounds = 2
     c.checkpoint_every_steps = 1
     c.eval_max_batches = 1
+  elif (model, arg) in POD_LAYOUTS:
+    c.mesh.data, c.mesh.fsdp, c.microbatches, c.remat = POD_LAYOUTS[model, arg]
   elif arg:
-    raise ValueError(f'unknown config argument {arg!r} (expected "" or "cpu")')
+    pods = [p for m, p in POD_LAYOUTS if m == model]
+    raise ValueError(f'unknown config argument {arg!r} (expected "", "cpu" or a slice of '
+                     f'{pods})')
   return c

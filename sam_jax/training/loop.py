@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -48,11 +47,24 @@ def model_config(config: ml_collections.ConfigDict) -> SamConfig:
   return cfg
 
 
-def input_config(config: ml_collections.ConfigDict, eval_split: bool = False) -> InputConfig:
+def input_config(config: ml_collections.ConfigDict, eval_split: bool = False,
+                 num_processes: int | None = None) -> InputConfig:
+  """This process's input settings; ``config.global_batch_size`` (if set) is divided among the
+  ``num_processes`` (default: this job's) processes."""
   d = config.data.to_dict()
+  if config.get('global_batch_size'):
+    d['batch_size'] = per_process_batch(config.global_batch_size,
+                                        num_processes or jax.process_count())
   if eval_split:
     d.update(config.eval_data.to_dict())
   return InputConfig(**d)
+
+
+def per_process_batch(global_batch: int, num_processes: int) -> int:
+  if global_batch % num_processes:
+    raise ValueError(f'config.global_batch_size {global_batch} is not divisible by the '
+                     f'{num_processes} processes')
+  return global_batch // num_processes
 
 
 def open_pipeline(cfg: InputConfig):
@@ -77,9 +89,10 @@ def ensure_dataset(cfg: InputConfig) -> None:
     build.build('synthetic_shapes', cfg.data_dir, config=sub or 'default')
 
 
-def make_mesh(config: ml_collections.ConfigDict):
+def make_mesh(config: ml_collections.ConfigDict, devices=None):
+  """The config's (data, fsdp, tensor) mesh over ``devices`` (default: all of this job's)."""
   m = config.mesh
-  return sharding.make_mesh(m.data, m.fsdp, m.tensor)
+  return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=devices)
 
 
 def rules(config: ml_collections.ConfigDict) -> sharding.Rules:
@@ -101,14 +114,19 @@ def state_shardings(abstract_state: dict[str, Any], mesh, rule_list) -> dict[str
   return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def global_batch_spec(cfg: InputConfig) -> dict[str, jax.ShapeDtypeStruct]:
+def global_batch_spec(cfg: InputConfig, num_processes: int | None = None
+                      ) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes of the global batch: every process's ``batch_size`` images."""
-  return preprocess.batch_spec(cfg, cfg.batch_size * jax.process_count())
+  return preprocess.batch_spec(cfg, cfg.batch_size * (num_processes or jax.process_count()))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """The batch's leading (image) axis over data x fsdp."""
+  return NamedSharding(mesh, P(('data', 'fsdp')))
 
 
 def batch_shardings(spec: dict[str, jax.ShapeDtypeStruct], mesh) -> dict[str, NamedSharding]:
-  """The batch's leading (image) axis over data x fsdp."""
-  return {k: NamedSharding(mesh, P(('data', 'fsdp'))) for k in spec}
+  return {k: batch_sharding(mesh) for k in spec}
 
 
 def global_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]):
@@ -229,13 +247,22 @@ class Training:
 
   def jitted_step(self):
     """train_step(state, global batch) -> (state, metrics), state donated."""
-    fn = train_step.make_train_step(self.graphdef, self.config, self.tx, self.schedule)
+    fn = train_step.make_train_step(self.graphdef, self.config, self.tx, self.schedule,
+                                    grad_shardings=self.shardings['params'],
+                                    batch_sharding=batch_sharding(self.mesh))
     return jax.jit(fn, in_shardings=(self.shardings, self.batch_shardings),
                    out_shardings=(self.shardings, None), donate_argnums=0)
 
+  def lower_step(self):
+    """The jitted step lowered for the abstract state and batch: ``.compile()`` gives what a run
+    executes (its memory and cost analyses), with nothing materialised."""
+    return self.jitted_step().lower(self.abstract_state, self.batch_spec)
 
-def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Training:
-  """Mesh, model shapes, optimizer and shardings of ``config`` (nothing materialised)."""
+
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None, *,
+          num_processes: int | None = None) -> Training:
+  """Mesh, model shapes, optimizer and shardings of ``config`` (nothing materialised).
+  ``mesh`` and ``num_processes`` default to this job's; the compile-only path passes a pod's."""
   mesh = mesh or make_mesh(config)
   rule_list = rules(config)
   cfg = model_config(config)
@@ -245,7 +272,8 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   graphdef, abstract_state, shardings, init = create_state(config, cfg, tx, mesh, rule_list)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, shardings)
-  spec = global_batch_spec(input_config(config))
+  spec = global_batch_spec(input_config(config, num_processes=num_processes), num_processes)
+  check_batch(spec['image'].shape[0], config, mesh)
   b_shardings = batch_shardings(spec, mesh)
   global_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_shardings[k])
                  for k, v in spec.items()}
@@ -253,10 +281,20 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
                   global_spec, b_shardings)
 
 
+def check_batch(images: int, config: ml_collections.ConfigDict, mesh) -> None:
+  """Every microbatch of the global batch must split evenly over the batch axes (data x fsdp)."""
+  k = config.get('microbatches', 1)
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if k < 1 or images % k or (images // k) % shards:
+    raise ValueError(f'a global batch of {images} images in {k} microbatch(es) does not split '
+                     f'over data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} devices: '
+                     f'images / microbatches must be a multiple of {shards}')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
                        ) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming what is there) and evaluates; returns a summary."""
-  workdir = Path(workdir)
+  workdir = checkpointing.as_path(workdir)  # local, or gs://bucket/run
   is_main = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
   t = setup(config)
@@ -286,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   # Compile before step 1.
   t0 = time.perf_counter()
-  compiled = t.jitted_step().lower(abstract_state, t.batch_spec).compile()
+  compiled = t.lower_step().compile()
   flops = model_flops_per_step(t)
   peak = metrics_lib.peak_flops(override_tflops=config.peak_tflops) * jax.device_count()
   if is_main:

@@ -87,28 +87,64 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
       every_round_adds_point=not train)
 
 
-def mean_over_valid(per_mask: jax.Array, valid: jax.Array) -> jax.Array:
-  """(R, N) per-mask values, (N,) validity -> (R,) means over the valid masks."""
-  w = valid.astype(jnp.float32)
-  return (per_mask * w).sum(-1) / jnp.maximum(w.sum(), 1.0)
+def split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+  """(B, ...) leaves -> (k, B / k, ...): microbatch i holds images i, i + k, i + 2k, ..., so a
+  batch split over devices in contiguous blocks gives every device its share of each microbatch
+  (no data moves between devices)."""
+  def one(x):
+    b = x.shape[0]
+    return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
+  return jax.tree.map(one, batch)
 
 
 def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable[[State, dict], tuple[State, dict]]:
-  """train_step(state, batch) -> (state, metrics): pure, to be jitted with donated state."""
+                    schedule: optax.Schedule, *, grad_shardings=None, batch_sharding=None
+                    ) -> Callable[[State, dict], tuple[State, dict]]:
+  """train_step(state, batch) -> (state, metrics): pure, to be jitted with donated state.
 
-  def loss_fn(params, frozen, batch, key):
+  ``config.microbatches`` = k > 1 runs the batch as k microbatches in a ``lax.scan``, summing
+  their gradients, then makes one update: activations of B / k images at a time, one
+  gradient-sized accumulator (kept in ``grad_shardings``, the parameters' shardings; each
+  microbatch is constrained to ``batch_sharding``). Every microbatch's loss is divided by the
+  valid masks of the whole batch, so the sum is the full batch's loss; with a deterministic
+  forward (no dropout / drop path, one round) the update equals the k = 1 step's."""
+  k = config.get('microbatches', 1)
+
+  def loss_fn(params, frozen, batch, key, denominator):
     model = nnx.merge(graphdef, params, frozen)
     out = forward_rounds(model, batch, key, config, train=True)
-    valid = batch['mask_valid'].reshape(-1)
-    per_round = {k: mean_over_valid(out[k], valid) for k in ROUND_TERMS}  # (R,) each
+    w = batch['mask_valid'].reshape(-1).astype(jnp.float32)
+    per_round = {t: (out[t] * w).sum(-1) / denominator for t in ROUND_TERMS}  # (R,) each
     return per_round['loss'].mean(), per_round
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def gradients(params, frozen, batch, key):
+    """((loss, per-round terms), grads) of the whole batch, in k microbatches."""
+    denominator = jnp.maximum(batch['mask_valid'].sum().astype(jnp.float32), 1.0)
+    if k == 1:
+      return grad_fn(params, frozen, batch, key, denominator)
+    constrain = lambda tree, s: tree if s is None else jax.lax.with_sharding_constraint(tree, s)
+
+    def body(total, xs):
+      i, micro = xs
+      micro = constrain(micro, batch_sharding)
+      out = grad_fn(params, frozen, micro, jax.random.fold_in(key, i), denominator)
+      total = jax.tree.map(jnp.add, total, out)
+      return (total[0], constrain(total[1], grad_shardings)), None
+
+    micro = split_microbatches(batch, k)
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                         jax.eval_shape(grad_fn, params, frozen, first, key, denominator))
+    zeros = (zeros[0], constrain(zeros[1], grad_shardings))
+    total, _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+    return total
 
   def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
     step = state['step']
     key = jax.random.fold_in(state['rng'], step)
-    (loss, per_round), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'], state['frozen'], batch, key)
+    (loss, per_round), grads = gradients(state['params'], state['frozen'], batch, key)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     grad_norm = optax.global_norm(grads)
@@ -125,7 +161,7 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
         'update_norm': optax.global_norm(updates), 'param_norm': optax.global_norm(params),
         'learning_rate': schedule(step // accum),
         'masks': batch['mask_valid'].sum(), 'images': (batch['image_id'] >= 0).sum(),
-        **{f'round/{k}': v for k, v in per_round.items()},
+        **{f'round/{name}': v for name, v in per_round.items()},
     }
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
