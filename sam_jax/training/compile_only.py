@@ -17,7 +17,7 @@ import jax
 import ml_collections
 
 from sam_jax.training import loop
-from sam_jax.training.topology import GiB, Target
+from sam_jax.training.topology import CHIPS, GiB, Target
 
 MEMORY_FIELDS = ('argument', 'output', 'alias', 'temp', 'generated_code')
 
@@ -86,7 +86,9 @@ def compile_lowered(lowered, report: dict[str, Any]) -> dict[str, Any]:
   except jax.errors.JaxRuntimeError as e:
     if not out_of_memory(e):
       raise
-    return dict(report, fits=False, compile_s=time.perf_counter() - t0,
+    # A GPU estimate compiles for v5p chips: past their HBM it only knows "more than that".
+    fits = None if report['estimate'] and hbm > CHIPS['v5p'].hbm_bytes else False
+    return dict(report, fits=fits, compile_s=time.perf_counter() - t0,
                 compiler_error=str(e).strip().splitlines()[0])
   report = dict(report, compile_s=time.perf_counter() - t0, fits=None)
   mem = compiled.memory_analysis()
@@ -122,7 +124,8 @@ def format_report(r: dict[str, Any]) -> str:
   mesh = ' x '.join(f'{k} {v}' for k, v in r['mesh'].items())
   lines = [
       f'train step of {r["model"]} ({r["dtype"]}, trainable {r["trainable"]}) for {r["topology"]}'
-      f' = {r["compiled_for"]}: {r["devices"]} x {r["chip"]}, {r["processes"]} process(es)',
+      + (f' (compiled for {r["compiled_for"]})' if r['compiled_for'] != r['topology'] else '')
+      + f': {r["devices"]} x {r["chip"]}, {r["processes"]} process(es)',
       f'  mesh {mesh}; global batch {r["global_batch"]} images x {r["masks_per_image"]} masks x '
       f'{r["rounds"]} rounds in {r["microbatches"]} microbatch(es); remat {r["remat"]}, round '
       f'remat {r["round_remat"]}',
@@ -141,6 +144,8 @@ def format_report(r: dict[str, Any]) -> str:
     verdict = ('fits' if r['fits'] else 'DOES NOT FIT') if r['fits'] is not None else 'HBM unknown'
     of = f' of {gib(hbm)} HBM ({mem["total"] / hbm:.0%})' if hbm else ''
     lines.append(f'  {"total":<20} {gib(mem["total"]):>12}{of}: {verdict}')
+  elif r['fits'] is None:
+    lines.append(f'  NO ESTIMATE: more than a TPU v5p chip holds ({r["compiler_error"]})')
   else:
     lines.append(f'  DOES NOT FIT in {gib(hbm) if hbm else "the HBM"}: {r["compiler_error"]}')
   lines.append(f'model FLOPs per step {r["model_flops_per_step"]:.3e}, per chip '

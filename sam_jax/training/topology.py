@@ -57,7 +57,7 @@ FORMS = ('v5p:4x4x4, v5e:8x8, v6e:4x4 (libtpu topology), v5p-128, v5litepod-64 /
 class Target:
   """Devices to compile for, and what to compare the result with."""
   name: str                     # as given
-  topology: str                 # what was compiled for: libtpu's name, or 'local'
+  topology: str                 # what was compiled for: libtpu's name, or 'this machine'
   chip: Chip | None             # None: unknown memory (e.g. this machine's CPU)
   devices: Sequence[jax.Device]
   num_processes: int            # hosts / nodes: one train.py each
@@ -128,4 +128,4 @@ def local_target() -> Target:
     from sam_jax.training import metrics
     chip = Chip(devices[0].device_kind, int(stats['bytes_limit']),
                 metrics.peak_flops(devices[0]))
-  return Target('local', 'local', chip, devices, jax.process_count())
+  return Target('this machine', 'this machine', chip, devices, jax.process_count())
