@@ -12,8 +12,8 @@ Protocols (``--config.protocols=single_point,instances,proposals``, settings in 
 name): ``sam_jax.evaluation.single_point`` (mIoU after 1..9 clicks), ``.instances`` (mask AP from
 detector boxes, ``--config.instances.boxes=DETECTIONS.json``) and ``.proposals`` (mask AR@1000 of
 the automatic mask generator). The images are dealt to the processes of a multi-host job
-(``--coordinator_address``, ``--num_processes``, ``--process_id``, or a cluster's environment, as
-``train.py``) and to each one's local devices; process 0 gathers the results and writes
+(``--coordinator_address``, ``--num_processes``, ``--process_id``, ``--distributed``, or a cluster's
+environment, as ``train.py``) and to each one's local devices; process 0 gathers the results and writes
 ``OUT/results.json``, ``OUT/results.md``, ``OUT/miou_vs_points.png`` (after every dataset) and
 ``OUT/logs/<dataset>.log``.
 """
@@ -30,13 +30,12 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
+from sam_jax import distributed
+
 config_flags.DEFINE_config_file('config', None, 'Evaluation config file (configs/eval/*.py[:arg]).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where results.json, results.md and the plot are written.')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
-flags.DEFINE_integer('num_processes', None, 'Processes in the job (multi-host).')
-flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
-flags.DEFINE_integer('local_device_count', None, 'CPU only: devices per process (tests).')
+distributed.define_flags()
 flags.mark_flags_as_required(['config', 'workdir'])
 FLAGS = flags.FLAGS
 
@@ -179,9 +178,7 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.WARNING)  # orbax and absl are chatty at INFO
   logging.getLogger('sam_jax').setLevel(logging.INFO)
-  from sam_jax import distributed
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                         FLAGS.local_device_count)
+  distributed.initialize_from_flags()
   run(FLAGS.config, FLAGS.workdir)
   import jax
   if jax.process_index() == 0:

@@ -22,6 +22,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from sam_jax import distributed
+
 config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py[:arg]).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard events, summary.json '
@@ -30,31 +32,9 @@ flags.DEFINE_bool('compile_only', False, 'Compile the train step and report memo
                   'FLOPs and sharding; train nothing.')
 flags.DEFINE_string('topology', None, 'With --compile_only: a TPU slice (v5p:4x4x4, v5p-128, '
                     'v5e-64, ...) or a GPU cluster estimate (h100:16x8); default: this machine.')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
-flags.DEFINE_integer('num_processes', None, 'Processes in the job (multi-host).')
-flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
-flags.DEFINE_integer('local_device_count', None, 'CPU only: devices per process (tests).')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() and let JAX detect the '
-                  'cluster (needed on TPU VM pods, whose environment names none).')
+distributed.define_flags()
 flags.mark_flags_as_required(['config'])
 FLAGS = flags.FLAGS
-
-CLUSTER_ENV = ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES', 'SLURM_JOB_ID',
-               'OMPI_COMM_WORLD_SIZE')
-
-
-def initialize_distributed() -> None:
-  import jax
-  if FLAGS.local_device_count:
-    jax.config.update('jax_num_cpu_devices', FLAGS.local_device_count)
-  if FLAGS.coordinator_address:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  elif FLAGS.distributed or (any(k in os.environ for k in CLUSTER_ENV)
-                             and int(os.environ.get('JAX_NUM_PROCESSES', '2')) > 1):
-    count, index = os.environ.get('JAX_NUM_PROCESSES'), os.environ.get('JAX_PROCESS_ID')
-    jax.distributed.initialize(num_processes=int(count) if count else None,
-                               process_id=int(index) if index else None)
 
 
 def compile_only() -> int:
@@ -83,7 +63,7 @@ def main(argv):
     sys.exit(compile_only())
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required (except with --compile_only)')
-  initialize_distributed()
+  distributed.initialize_from_flags()
   from sam_jax.training.loop import NonFiniteLossError, train_and_evaluate
   try:
     summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
