@@ -1,4 +1,5 @@
-"""Random official models whose automatic masks are worth comparing (tests and bench/amg_cpu.py)."""
+"""Random official models whose automatic masks are worth comparing (tests and bench/amg_cpu.py),
+and the official generator's NMS with a fixed tie rule."""
 from __future__ import annotations
 
 
@@ -33,3 +34,22 @@ def coherent_masks(sam, logit_scale: float = 1000.0, logit_offset: float = -40.0
       out.bias[0] = logit_offset / const
     decoder.iou_prediction_head.layers[-1].bias.add_(iou_shift)
   return sam
+
+
+def stable_batched_nms(boxes, scores, idxs, iou_threshold):
+  """torchvision's ``batched_nms`` (one category, as the generator calls it) with ties in score
+  broken by index."""
+  import numpy as np
+  import torch
+  del idxs
+  order = torch.as_tensor(np.argsort(-scores.numpy(), kind='stable'))
+  b = boxes[order]
+  area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+  inter = (torch.minimum(b[:, None, 2:], b[None, :, 2:]) -
+           torch.maximum(b[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
+  iou = inter / (area[:, None] + area[None, :] - inter)
+  keep = torch.ones(len(b), dtype=torch.bool)
+  for i in range(len(b)):
+    if keep[i]:
+      keep[i + 1:] &= ~(iou[i, i + 1:] > iou_threshold)
+  return order[keep]

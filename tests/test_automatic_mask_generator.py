@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import skimage.data
 
-from amg_reference import coherent_masks
+from amg_reference import coherent_masks, stable_batched_nms
 from conftest import PARITY_REPORT
 from official_reference import official_sam, save_pth
 from sam_jax import sam_model_registry
@@ -39,22 +39,6 @@ def pair(tmp_path_factory):
   ref = coherent_masks(official_sam(VARIANTS['vit_tiny'], seed=1))
   path = save_pth(ref, tmp_path_factory.mktemp('amg') / 'vit_tiny.pth')
   return ref, sam_model_registry['vit_tiny'](checkpoint=path)
-
-
-def stable_batched_nms(boxes, scores, idxs, iou_threshold):
-  """torchvision's ``batched_nms`` (one category, as the generator calls it) with ties in score
-  broken by index."""
-  order = torch.as_tensor(np.argsort(-scores.numpy(), kind='stable'))
-  b = boxes[order]
-  area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-  inter = (torch.minimum(b[:, None, 2:], b[None, :, 2:]) -
-           torch.maximum(b[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
-  iou = inter / (area[:, None] + area[None, :] - inter)
-  keep = torch.ones(len(b), dtype=torch.bool)
-  for i in range(len(b)):
-    if keep[i]:
-      keep[i + 1:] &= ~(iou[i, i + 1:] > iou_threshold)
-  return order[keep]
 
 
 def as_mask(segmentation) -> np.ndarray:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from amg_reference import coherent_masks
+from amg_reference import coherent_masks, stable_batched_nms
 from conftest import PARITY_REPORT
 from official_reference import official_sam, save_pth
 from sam_jax import sam_model_registry
@@ -43,23 +43,6 @@ def shapes_records(n: int, image_size: int = 128, seed: int = 4) -> list[dict]:
   return [synthetic_shapes.to_record(synthetic_shapes.render(
       seed, i, synthetic_shapes.ShapesSpec(image_size=image_size)), image_id=300 + i)
           for i in range(n)]
-
-
-def stable_batched_nms(boxes, scores, idxs, iou_threshold):
-  """torchvision's ``batched_nms`` (one category, as the generator calls it) with ties in score
-  broken by index."""
-  del idxs
-  order = torch.as_tensor(np.argsort(-scores.numpy(), kind='stable'))
-  b = boxes[order]
-  area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-  inter = (torch.minimum(b[:, None, 2:], b[None, :, 2:]) -
-           torch.maximum(b[:, None, :2], b[None, :, :2])).clamp(min=0).prod(-1)
-  iou = inter / (area[:, None] + area[None, :] - inter)
-  keep = torch.ones(len(b), dtype=torch.bool)
-  for i in range(len(b)):
-    if keep[i]:
-      keep[i + 1:] &= ~(iou[i, i + 1:] > iou_threshold)
-  return order[keep]
 
 
 def test_rank_by_mean_of_predicted_iou_and_stability():
