@@ -332,6 +332,7 @@ def run_images(predictor, source: Sequence[dict[str, Any]], selected, protocol: 
   from tqdm import tqdm
   skips = Skips(name)
   out = []
+  num_masks, iou1_sum = 0, 0.0  # the first variant's, for the progress bar
   bar = tqdm(selected, desc=name, unit='img', disable=not progress, dynamic_ncols=True)
   for i, chosen in bar:
     skips.counts = dict.fromkeys(COUNTERS, 0)  # this image's
@@ -371,9 +372,10 @@ def run_images(predictor, source: Sequence[dict[str, Any]], selected, protocol: 
                                  for m, j in enumerate(chosen)]
     predictor.reset_image()
     skips.counts['images_ok'] += 1
-    first_masks = [m for e in out for m in e['masks'].get(protocol.first_points[0], ())]
-    bar.set_postfix(masks=len(first_masks),
-                    miou1=f'{np.mean([m["iou"][0] for m in first_masks]):.3f}')
+    first = entry['masks'][protocol.first_points[0]]
+    num_masks += len(first)
+    iou1_sum += sum(m['iou'][0] for m in first)
+    bar.set_postfix(masks=num_masks, miou1=f'{iou1_sum / num_masks:.3f}')
   bar.close()
   if skips.logged > MAX_LOGGED:
     log.warning('%s: %d skipped records in all (the first %d logged)', name, skips.logged,
