@@ -80,30 +80,37 @@ def open_dataset(name: str, split: str, data_dir: str | None):
 
 
 def evaluate(name: str, protocol, workers: dict[str, list], source, key: str, config
-             ) -> dict[str, Any]:
-  """One protocol on one dataset, split over the job's hosts and local devices."""
+             ) -> dict[str, Any] | None:
+  """One protocol on one dataset, split over the job's hosts and local devices; the figures on
+  process 0 (COCOeval and its ground truth are built there only), None on the others."""
+  import jax
   from sam_jax.evaluation import config as eval_config
   from sam_jax.evaluation import instances, parallel, proposals, single_point
   progress = config.progress
+  records = range(len(source) if not config.max_images else min(len(source), config.max_images))
   if name == 'single_point':
     selected, selection = single_point.select_masks(source, protocol, name=key,
                                                     max_images=config.max_images)
     per_image = parallel.run_split(single_point.run_images, workers['predictors'], source,
                                    selected, protocol, name=key, progress=progress)
-    return single_point.summarize(per_image, protocol, selection)
-  records = range(len(source) if not config.max_images else min(len(source), config.max_images))
-  if name == 'instances':
+  elif name == 'instances':
     protocol = dataclasses.replace(protocol,
                                    boxes=eval_config.boxes_file(protocol.boxes, key))
     detections = instances.load_detections(protocol.boxes, source, records)
     per_image = parallel.run_split(instances.run_images, workers['predictors'], source, records,
                                    protocol, name=key, progress=progress, detections=detections)
-    res = instances.summarize(source, per_image, protocol, name=key, detections=detections)
   else:
     generators = workers.setdefault('generators', [proposals.make_generator(m, protocol)
                                                    for m in workers['models']])
     per_image = parallel.run_split(proposals.run_images, generators, source, records, protocol,
                                    name=key, progress=progress)
+  if jax.process_index() != 0:
+    return None
+  if name == 'single_point':
+    return single_point.summarize(per_image, protocol, selection)
+  if name == 'instances':
+    res = instances.summarize(source, per_image, protocol, name=key, detections=detections)
+  else:
     res = proposals.summarize(source, per_image, protocol, name=key)
   return {'records_read': len(records), **res, 'protocol': dataclasses.asdict(protocol)}
 
@@ -163,6 +170,8 @@ def run(config, workdir: str) -> dict[str, Any]:
         except (FileNotFoundError, ValueError) as e:  # e.g. no detector boxes for this dataset
           log.error('%s: %s skipped: %s', key, protocol_name, e)
           results[protocol_name][key] = {'error': str(e)}
+          continue
+        if res is None:  # not process 0: it gathered this host's images and writes the figures
           continue
         results[protocol_name][key] = {**res, 'seconds': round(time.time() - start, 2)}
         log.info('%s, %s: %s', key, protocol_name, summary_line(protocol_name, res))
