@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import sam_jax.modeling.attention as attention
 import sam_jax.modeling.image_encoder as image_encoder
 from sam_jax.modeling.config import VARIANTS
 from sam_jax.modeling.sam import bilinear_matrix
@@ -17,16 +18,16 @@ def test_chunked_attention_equals_unchunked(monkeypatch):
   x = jax.random.normal(jax.random.key(1), (2, cfg.grid_size, cfg.grid_size, cfg.encoder_embed_dim))
   nnx.update(block, jax.tree.map(lambda v: v + 0.1, nnx.state(block)))  # non-zero rel_pos tables
   whole = block(x)
-  monkeypatch.setattr(image_encoder, 'ATTENTION_CHUNK_ELEMENTS', 1)  # one query row per chunk
-  assert image_encoder.query_rows_per_chunk(2, 3, 16, 16) == 1
+  monkeypatch.setattr(attention, 'ATTENTION_CHUNK_ELEMENTS', 1)  # one query row per chunk
+  assert attention.query_rows_per_chunk(2, 3, 16, 16) == 1
   np.testing.assert_allclose(np.asarray(block(x)), np.asarray(whole), rtol=1e-4, atol=1e-4)
 
 
 def test_rows_per_chunk_divides_and_fits():
-  assert image_encoder.query_rows_per_chunk(1, 12, 64, 64) == 2  # vit_b global: 2 rows x 64
-  assert image_encoder.query_rows_per_chunk(25, 12, 14, 14) == 7  # 25 windows: 2 chunks
+  assert attention.query_rows_per_chunk(1, 12, 64, 64) == 2  # vit_b global: 2 rows x 64
+  assert attention.query_rows_per_chunk(25, 12, 14, 14) == 7  # 25 windows: 2 chunks
   for b, n in ((1, 16), (8, 16), (64, 16)):
-    r = image_encoder.query_rows_per_chunk(b, n, 64, 64)
+    r = attention.query_rows_per_chunk(b, n, 64, 64)
     assert 64 % r == 0
 
 

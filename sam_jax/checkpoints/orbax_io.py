@@ -46,7 +46,7 @@ def load(path: str | Path, cfg: SamConfig, abstract_state: nnx.State) -> nnx.Sta
   from sam_jax.checkpoints.official import CheckpointError
   path = Path(path).absolute()
   recorded = read_config(path)
-  if recorded.replace(dtype=cfg.dtype) != cfg:
+  if recorded.architecture() != cfg.architecture():
     raise CheckpointError(
         f'orbax checkpoint {path} holds a {variant_name(recorded) or "custom"} model '
         f'({recorded}), not the requested {variant_name(cfg) or "custom"} model ({cfg}).')

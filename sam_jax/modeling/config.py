@@ -6,8 +6,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from sam_jax.modeling.attention import IMPLEMENTATIONS
+
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+PRECISIONS = ('default', 'high', 'highest')
+# SamConfig fields that change how the model computes, not its parameters.
+RUNTIME_FIELDS = ('dtype', 'attention', 'precision')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +35,21 @@ class SamConfig:
   iou_head_depth: int = 3
   iou_head_hidden_dim: int = 256
   dtype: str = 'float32'  # compute dtype; parameters are always float32
+  # How the encoder computes attention: a name of ``modeling.attention.IMPLEMENTATIONS``; 'auto'
+  # picks per backend when traced (chunked on CPU, fused folded attention through cuDNN on GPUs).
+  attention: str = 'auto'
+  # Matmul / convolution precision: 'default' leaves it to jax (jax_default_matmul_precision:
+  # float32 matmuls run as TF32 on recent NVIDIA GPUs, as the official model's cuDNN convolutions
+  # do, and as one bf16 pass on TPUs); 'highest' gives full float32 everywhere, for parity work ('high':
+  # bf16_3x / TF32x3 where the platform has it). Encoder: passed to every matmul, einsum and conv;
+  # prompt encoder + decoder: traced under jax.default_matmul_precision (see layers.with_precision).
+  precision: str = 'default'
+
+  def __post_init__(self):
+    if self.attention not in IMPLEMENTATIONS:
+      raise ValueError(f'unknown attention {self.attention!r}; choose one of {IMPLEMENTATIONS}')
+    if self.precision not in PRECISIONS:
+      raise ValueError(f'unknown precision {self.precision!r}; choose one of {PRECISIONS}')
 
   @property
   def grid_size(self) -> int:
@@ -44,6 +64,16 @@ class SamConfig:
   @property
   def compute_dtype(self):
     return jnp.dtype(self.dtype)
+
+  @property
+  def matmul_precision(self) -> str | None:
+    """``precision=`` of jax's matmuls and convolutions: None (jax's default), 'high', 'highest'."""
+    return None if self.precision == 'default' else self.precision
+
+  def architecture(self) -> 'SamConfig':
+    """This configuration with the settings that leave the parameters alone (dtype, attention,
+    precision) at their defaults: configurations with equal architectures share checkpoints."""
+    return self.replace(**{f: SamConfig.__dataclass_fields__[f].default for f in RUNTIME_FIELDS})
 
   @property
   def block_groups(self) -> tuple[int, int]:
@@ -67,6 +97,7 @@ class SamConfig:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> 'SamConfig':
+    """The inverse of ``to_dict``; fields missing from older files take their defaults."""
     d = dict(d)
     d['encoder_global_attn_indexes'] = tuple(d['encoder_global_attn_indexes'])
     return cls(**d)
@@ -85,8 +116,8 @@ VARIANTS['default'] = VARIANTS['vit_h']
 
 
 def variant_name(cfg: SamConfig) -> str | None:
-  """The registry name of a configuration (ignoring dtype), or None."""
+  """The registry name of a configuration (ignoring dtype, attention and precision), or None."""
   for name, v in VARIANTS.items():
-    if name != 'default' and v == cfg.replace(dtype=v.dtype):
+    if name != 'default' and v.architecture() == cfg.architecture():
       return name
   return None

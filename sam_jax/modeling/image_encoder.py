@@ -12,89 +12,57 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
+from sam_jax.modeling.attention import attend, relative_index
 from sam_jax.modeling.config import SamConfig
 from sam_jax.modeling.layers import (Conv2d, LayerNorm, Linear, MLPBlock, param, run_sequential,
                                      stacked, zeros)
 
 
-def relative_index(size: int) -> jax.Array:
-  """(size, size) indices into a (2 * size - 1, head_dim) table: q - k + size - 1."""
-  coords = jnp.arange(size)
-  return coords[:, None] - coords[None, :] + size - 1
-
-
-# Global attention over 64x64 tokens has (heads, 4096, 4096) logits: 0.8 GB per image for vit_b.
-# Queries are processed a few token rows at a time so that a chunk's logits (at most this many
-# float32s, ~26 MB) stay in a server CPU's last-level cache: vit_b's global block runs 1.7x faster on
-# CPU than with unchunked logits, and peak memory drops by ~1.5 GB. Measured in bench/encoder_cpu.py.
-ATTENTION_CHUNK_ELEMENTS = 6_500_000
-
-
-def query_rows_per_chunk(b: int, n: int, h: int, w: int) -> int:
-  """The largest divisor of h whose (b, n, rows * w, h * w) logits fit ATTENTION_CHUNK_ELEMENTS.
-
-  A symbolic batch (jax.export with a batch dimension left open) is planned as one image.
-  """
-  b = b if isinstance(b, int) else 1
-  fit = max(1, ATTENTION_CHUNK_ELEMENTS // (b * n * w * h * w))
-  return max(r for r in range(1, h + 1) if h % r == 0 and r <= fit)
-
-
 class Attention(nnx.Module):
-  """Multi-head attention over an (H, W) grid with decomposed relative position (official names)."""
+  """Multi-head attention over an (H, W) grid with decomposed relative position (official names).
 
-  def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], *, dtype, rngs):
+  attention: a form of ``modeling.attention.IMPLEMENTATIONS`` ('auto' picks one per backend);
+  precision: of the matmuls (None: jax's default).
+  """
+
+  def __init__(self, dim: int, num_heads: int, input_size: tuple[int, int], *, dtype, rngs,
+               attention: str = 'auto', precision: str | None = None):
     self.num_heads = num_heads
     head_dim = dim // num_heads
     self.scale = head_dim**-0.5
-    self.qkv = Linear(dim, 3 * dim, axes=('embed', 'qkv'), dtype=dtype, rngs=rngs)
-    self.proj = Linear(dim, dim, axes=('qkv', 'embed'), dtype=dtype, rngs=rngs)
+    self.qkv = Linear(dim, 3 * dim, axes=('embed', 'qkv'), dtype=dtype, precision=precision,
+                      rngs=rngs)
+    self.proj = Linear(dim, dim, axes=('qkv', 'embed'), dtype=dtype, precision=precision, rngs=rngs)
     self.rel_pos_h = param(None, zeros, (2 * input_size[0] - 1, head_dim), (None, 'head_dim'))
     self.rel_pos_w = param(None, zeros, (2 * input_size[1] - 1, head_dim), (None, 'head_dim'))
     self.dtype = dtype
+    self.attention = attention
+    self.precision = precision
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     n = self.num_heads
-    qkv = self.qkv(x).reshape(b, h * w, 3, n, c // n).transpose(2, 0, 3, 1, 4)  # (3, B, heads, HW, d)
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    qkv = self.qkv(x).reshape(b, h * w, 3, n, c // n)  # (B, HW, 3, heads, d)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, HW, heads, d)
     rh = self.rel_pos_h[...].astype(self.dtype)[relative_index(h)]  # (H, H, d)
     rw = self.rel_pos_w[...].astype(self.dtype)[relative_index(w)]  # (W, W, d)
-    r_q = q.reshape(b, n, h, w, -1)
-    rel_h = jnp.einsum('bnyxd,yid->bnyxi', r_q, rh)  # (B, heads, H, W, kH): unscaled q, as official
-    rel_w = jnp.einsum('bnyxd,xjd->bnyxj', r_q, rw)  # (B, heads, H, W, kW)
-
-    def attend(q, rel_h, rel_w):  # a chunk of r query rows: q (B, heads, r * W, d)
-      r = rel_h.shape[2]
-      logits = jnp.matmul(q * self.scale, k.swapaxes(-1, -2))  # (B, heads, rW, HW)
-      logits = logits.reshape(b, n, r, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
-      attn = jax.nn.softmax(logits.reshape(b, n, r * w, h * w).astype(jnp.float32), axis=-1)
-      return jnp.matmul(attn.astype(self.dtype), v)  # (B, heads, rW, d)
-
-    rows = query_rows_per_chunk(b, n, h, w)
-    if rows == h:
-      out = attend(q, rel_h, rel_w)
-    else:  # chunk axis first: q (h/rows, B, heads, rows * W, d), rel (h/rows, B, heads, rows, W, k)
-      chunks = h // rows
-      qs = jnp.moveaxis(q.reshape(b, n, chunks, rows * w, -1), 2, 0)
-      rhs = jnp.moveaxis(rel_h.reshape(b, n, chunks, rows, w, h), 2, 0)
-      rws = jnp.moveaxis(rel_w.reshape(b, n, chunks, rows, w, w), 2, 0)
-      out = jax.lax.map(lambda xs: attend(*xs), (qs, rhs, rws))  # (chunks, B, heads, rW, d)
-      out = jnp.moveaxis(out, 0, 2).reshape(b, n, h * w, -1)
-    out = out.reshape(b, n, h, w, -1).transpose(0, 2, 3, 1, 4).reshape(b, h, w, c)
-    return self.proj(out)
+    out = attend(self.attention, q, k, v, rh, rw, (h, w), self.scale,
+                 precision=self.precision)  # (B, HW, heads, d)
+    return self.proj(out.reshape(b, h, w, c))
 
 
 class Block(nnx.Module):
   """Pre-norm transformer block; window_size > 0 attends within zero-padded windows."""
 
   def __init__(self, cfg: SamConfig, *, window_size: int, rngs: nnx.Rngs):
-    dim, dtype = cfg.encoder_embed_dim, cfg.compute_dtype
+    dim, dtype, precision = cfg.encoder_embed_dim, cfg.compute_dtype, cfg.matmul_precision
     input_size = (window_size,) * 2 if window_size else (cfg.grid_size,) * 2
     self.norm1 = LayerNorm(dim, eps=1e-6, dtype=dtype)
-    self.attn = Attention(dim, cfg.encoder_num_heads, input_size, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, cfg.encoder_num_heads, input_size, dtype=dtype, rngs=rngs,
+                          attention=cfg.attention, precision=precision)
     self.norm2 = LayerNorm(dim, eps=1e-6, dtype=dtype)
-    self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio), act='gelu', dtype=dtype, rngs=rngs)
+    self.mlp = MLPBlock(dim, int(dim * cfg.mlp_ratio), act='gelu', dtype=dtype,
+                        precision=precision, rngs=rngs)
     self.window_size = window_size
 
   def __call__(self, x: jax.Array, drop: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
@@ -141,7 +109,8 @@ class PatchEmbed(nnx.Module):
 
   def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs):
     p = cfg.patch_size
-    self.proj = Conv2d(3, cfg.encoder_embed_dim, p, stride=p, dtype=cfg.compute_dtype, rngs=rngs)
+    self.proj = Conv2d(3, cfg.encoder_embed_dim, p, stride=p, dtype=cfg.compute_dtype,
+                       precision=cfg.matmul_precision, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.proj(x)  # (B, H/16, W/16, C)
@@ -153,6 +122,7 @@ class ImageEncoderViT(nnx.Module):
   def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs):
     groups, per_group = cfg.block_groups
     dim, out, dtype = cfg.encoder_embed_dim, cfg.prompt_embed_dim, cfg.compute_dtype
+    precision = cfg.matmul_precision
     self.patch_embed = PatchEmbed(cfg, rngs=rngs)
     self.pos_embed = param(None, zeros, (1, cfg.grid_size, cfg.grid_size, dim),
                            (None, None, None, 'embed'))
@@ -161,10 +131,11 @@ class ImageEncoderViT(nnx.Module):
     self.global_blocks = stacked(lambda r: Block(cfg, window_size=0, rngs=r), (groups,), rngs)
     self.block_groups = (groups, per_group)
     self.neck = nnx.List([
-        Conv2d(dim, out, 1, bias=False, axes=(None, None, 'embed', None), dtype=dtype, rngs=rngs),
+        Conv2d(dim, out, 1, bias=False, axes=(None, None, 'embed', None), dtype=dtype,
+               precision=precision, rngs=rngs),
         LayerNorm(out, eps=1e-6, axis_name=None, dtype=dtype),
         Conv2d(out, out, 3, padding=1, bias=False, axes=(None, None, None, None), dtype=dtype,
-               rngs=rngs),
+               precision=precision, rngs=rngs),
         LayerNorm(out, eps=1e-6, axis_name=None, dtype=dtype),
     ])
 

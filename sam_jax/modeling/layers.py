@@ -1,10 +1,13 @@
 """Small building blocks shared by the SAM modules (NHWC layout, PyTorch-compatible numerics).
 
 Parameters are float32 and carry logical axis names (metadata ``out_sharding``); computation runs in
-``dtype`` (float32 or bfloat16); LayerNorm and softmax always run in float32.
+``dtype`` (float32 or bfloat16); LayerNorm and softmax always run in float32. ``precision`` (None,
+'high', 'highest') is passed to the matmuls and convolutions (None: jax's default, TF32 for float32
+on recent NVIDIA GPUs).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -20,6 +23,22 @@ def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes: Axe
   key = rngs.params() if rngs is not None else None
   value = init(key, tuple(shape), jnp.float32)
   return nnx.Param(value, eager_sharding=False, out_sharding=tuple(axes))
+
+
+def with_precision(method: Callable) -> Callable:
+  """Traces ``method`` under ``jax.default_matmul_precision(self.precision)`` (unless None).
+
+  For modules whose matmuls are not all given ``precision=`` (the prompt encoder and the mask
+  decoder). The setting is read when an op is traced and is part of jit's cache key and trace
+  context, so it reaches every matmul and conv traced inside, nested jits and scans included.
+  """
+  @functools.wraps(method)
+  def traced(self, *args, **kwargs):
+    if self.precision is None:
+      return method(self, *args, **kwargs)
+    with jax.default_matmul_precision(self.precision):
+      return method(self, *args, **kwargs)
+  return traced
 
 
 def uniform(bound: float) -> Callable:
@@ -49,14 +68,16 @@ class Linear(nnx.Module):
   """y = x @ kernel + bias; kernel is (in, out), the transpose of torch's weight."""
 
   def __init__(self, din: int, dout: int, *, axes: Axes, bias: bool = True, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               precision: str | None = None, rngs: nnx.Rngs):
     bound = 1.0 / math.sqrt(din)
     self.kernel = param(rngs, uniform(bound), (din, dout), axes)
     self.bias = param(rngs, uniform(bound), (dout,), axes[1:]) if bias else None
     self.dtype = dtype
+    self.precision = precision
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                   precision=self.precision)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -84,20 +105,21 @@ class Conv2d(nnx.Module):
 
   def __init__(self, din: int, dout: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
                bias: bool = True, axes: Axes = (None, None, None, 'embed'), dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               precision: str | None = None, rngs: nnx.Rngs):
     bound = 1.0 / math.sqrt(din * kernel_size * kernel_size)
     self.kernel = param(rngs, uniform(bound), (kernel_size, kernel_size, din, dout), axes)
     self.bias = param(rngs, uniform(bound), (dout,), axes[-1:]) if bias else None
     self.stride = stride
     self.padding = padding
     self.dtype = dtype
+    self.precision = precision
 
   def __call__(self, x: jax.Array) -> jax.Array:
     p = self.padding
     y = jax.lax.conv_general_dilated(
         x.astype(self.dtype), self.kernel[...].astype(self.dtype),
         window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=self.precision)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -151,9 +173,12 @@ def run_sequential(layers: nnx.List, x: jax.Array) -> jax.Array:
 class MLPBlock(nnx.Module):
   """lin1 -> activation -> lin2 (official ``common.MLPBlock``)."""
 
-  def __init__(self, dim: int, mlp_dim: int, *, act: str, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.lin1 = Linear(dim, mlp_dim, axes=('embed', 'mlp'), dtype=dtype, rngs=rngs)
-    self.lin2 = Linear(mlp_dim, dim, axes=('mlp', 'embed'), dtype=dtype, rngs=rngs)
+  def __init__(self, dim: int, mlp_dim: int, *, act: str, dtype=jnp.float32,
+               precision: str | None = None, rngs: nnx.Rngs):
+    self.lin1 = Linear(dim, mlp_dim, axes=('embed', 'mlp'), dtype=dtype, precision=precision,
+                       rngs=rngs)
+    self.lin2 = Linear(mlp_dim, dim, axes=('mlp', 'embed'), dtype=dtype, precision=precision,
+                       rngs=rngs)
     self.act = Activation(act)
 
   def __call__(self, x: jax.Array) -> jax.Array:

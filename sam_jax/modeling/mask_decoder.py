@@ -6,7 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sam_jax.modeling.config import SamConfig
-from sam_jax.modeling.layers import Activation, ConvTranspose2x2, Embedding, LayerNorm, Linear
+from sam_jax.modeling.layers import (Activation, ConvTranspose2x2, Embedding, LayerNorm, Linear,
+                                     with_precision)
 from sam_jax.modeling.transformer import TwoWayTransformer
 
 
@@ -49,7 +50,9 @@ class MaskDecoder(nnx.Module):
     ])
     self.iou_prediction_head = MLP(dim, cfg.iou_head_hidden_dim, self.num_mask_tokens,
                                    cfg.iou_head_depth, dtype=dtype, rngs=rngs)
+    self.precision = cfg.matmul_precision
 
+  @with_precision
   def __call__(self, image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                multimask_output: bool | str, token_mask=None, drop=None
                ) -> tuple[jax.Array, jax.Array]:

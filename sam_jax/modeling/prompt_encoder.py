@@ -16,7 +16,7 @@ from flax import nnx
 
 from sam_jax.modeling.config import SamConfig
 from sam_jax.modeling.layers import (Activation, Buffer, Conv2d, Embedding, LayerNorm, normal,
-                                     run_sequential)
+                                     run_sequential, with_precision)
 
 PAD_LABEL = -2
 NOT_A_POINT_LABEL = -1
@@ -51,6 +51,7 @@ class PositionEmbeddingRandom(nnx.Module):
 
 
 class PromptEncoder(nnx.Module):
+  """Points, boxes and a mask prompt -> sparse (B, N, C) and dense (B, g, g, C) embeddings."""
 
   def __init__(self, cfg: SamConfig, *, rngs: nnx.Rngs):
     dim, g, chans, dtype = cfg.prompt_embed_dim, cfg.grid_size, cfg.mask_in_chans, cfg.compute_dtype
@@ -71,11 +72,14 @@ class PromptEncoder(nnx.Module):
         Conv2d(chans, dim, 1, axes=(None, None, None, 'embed'), dtype=dtype, rngs=rngs),
     ])
     self.no_mask_embed = Embedding(1, dim, rngs=rngs)
+    self.precision = cfg.matmul_precision
 
+  @with_precision
   def get_dense_pe(self) -> jax.Array:
     """(1, g, g, C) positional encoding of the image embedding grid."""
     return self.pe_layer(self.image_embedding_size)[None]
 
+  @with_precision
   def embed_points(self, coords: jax.Array, labels: jax.Array) -> jax.Array:
     """(B, N, 2), (B, N) -> (B, N, C) sparse embeddings (PAD slots are zero)."""
     pe = self.pe_layer.forward_with_coords(coords + 0.5, self.input_image_size)
@@ -85,6 +89,7 @@ class PromptEncoder(nnx.Module):
       out = jnp.where(labels == i, pe + embedding.weight[0], out)
     return jnp.where(labels == PAD_LABEL, 0.0, out)
 
+  @with_precision
   def embed_masks(self, masks: jax.Array) -> jax.Array:
     """(B, 4g, 4g, 1) mask logits -> (B, g, g, C)."""
     return run_sequential(self.mask_downscaling, masks)
