@@ -101,13 +101,13 @@ def breakdown(generator, image) -> dict:
   from sam_jax import automatic_mask_generator as amg
   stages: dict[str, float] = {}
   p = generator.predictor
-  set_image = p.set_image
+  set_images = p.set_images
 
-  def set_image_and_wait(img):
-    set_image(img)
+  def set_images_and_wait(*args, **kwargs):
+    set_images(*args, **kwargs)
     jax.block_until_ready(p.features)
 
-  p.set_image = timed(set_image_and_wait, 'encoder (set_image)', stages)
+  p.set_images = timed(set_images_and_wait, 'encoder (set_images)', stages)
   generator.programs = generator.programs._replace(
       score=timed(generator.programs.score, 'decode batches + stats (jit)', stages),
       masks=timed(generator.programs.masks, 'kept masks to full res (jit)', stages))
@@ -122,7 +122,7 @@ def breakdown(generator, image) -> dict:
   finally:
     for name, fn in originals.items():
       setattr(amg, name, fn)
-    del p.set_image
+    del p.set_images
   stages['host postprocessing (RLE, records)'] = total - sum(stages.values())
   stages['total (instrumented)'] = total
   return stages

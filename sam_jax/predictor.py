@@ -1,21 +1,27 @@
 """``SamPredictor``: the official interactive-prediction API, backed by jitted JAX functions.
 
-The image encoder is compiled once per model; the decoder + postprocess once per (prompt batch,
-prompt-length bucket, image size): prompts are padded to the next power of two with inert PAD slots (see
-``modeling.prompt_encoder``), which gives exactly the unpadded result.
+The image encoder is compiled once per model and image batch size (``set_images`` sends powers of
+two, so at most log2(batch_size) + 1 sizes); the decoder + postprocess once per (prompt batch,
+prompt-length bucket, image size): prompts are padded to the next power of two with inert PAD slots
+(see ``modeling.prompt_encoder``), which gives exactly the unpadded result. ``SamPredictor(sam,
+dtype='bfloat16')`` runs a copy of the model whose weights were cast to bfloat16 once
+(``modeling.sam.cast_for_inference``), for accelerators. Building a predictor turns on jax's
+persistent compilation cache (``sam_jax.compilation_cache``), so a new process reuses earlier
+compilations.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sam_jax.compilation_cache import enable_compilation_cache
 from sam_jax.modeling.prompt_encoder import NOT_A_POINT_LABEL, PAD_LABEL
-from sam_jax.modeling.sam import Sam, postprocess_masks, postprocess_weights
+from sam_jax.modeling.sam import Sam, cast_for_inference, postprocess_masks, postprocess_weights
 from sam_jax.utils.transforms import ResizeLongestSide, normalize_and_pad
 
 BOX_LABELS = (2, 3)
@@ -51,12 +57,29 @@ def programs(graphdef: nnx.GraphDef) -> Programs:
                   jax.jit(predict, static_argnames=('multimask_output', 'return_logits')))
 
 
+@jax.jit
+def unstack(x: jax.Array) -> tuple[jax.Array, ...]:
+  """(B, ...) -> B arrays (1, ...), in one program per B."""
+  return tuple(x[i:i + 1] for i in range(x.shape[0]))
+
+
+def chunk_sizes(n: int, batch_size: int) -> list[int]:
+  """Encoder calls for n images: each the largest power of two <= batch_size of those left
+  (n=13, batch_size=8: 8, 4, 1), so that no call computes padding images and few shapes compile."""
+  largest = 1 << (max(batch_size, 1).bit_length() - 1)
+  sizes = []
+  while n > 0:
+    sizes.append(min(largest, 1 << (n.bit_length() - 1)))
+    n -= sizes[-1]
+  return sizes
+
+
 def bucket(n: int) -> int:
   """Prompt lengths are padded to a power of two (at least 2), so shapes repeat."""
   return max(2, 1 << max(n - 1, 0).bit_length())
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
@@ -69,9 +92,9 @@ def padded_postprocess_weights(low_res_size: int, image_size: int, input_size: t
   if pad_to <= 1:
     return idx, row_w, cols
   (h, k), w = idx.shape, cols.shape[0]  # (H, K) taps per output row, (W, L)
-  rows_pad = ((0, _round_up(h, pad_to) - h), (0, (1 << max(k - 1, 0).bit_length()) - k))
+  rows_pad = ((0, round_up(h, pad_to) - h), (0, (1 << max(k - 1, 0).bit_length()) - k))
   return (np.pad(idx, rows_pad), np.pad(row_w, rows_pad),  # (H', K') each
-          np.pad(cols, ((0, _round_up(w, pad_to) - w), (0, 0))))  # (W', L)
+          np.pad(cols, ((0, round_up(w, pad_to) - w), (0, 0))))  # (W', L)
 
 
 def assemble_prompts(coords: np.ndarray | None, labels: np.ndarray | None,
@@ -122,9 +145,19 @@ def check_image(image: Any) -> np.ndarray:
 
 
 class SamPredictor:
-  """Computes an image embedding once, then masks for any number of prompts on that image."""
+  """Computes image embeddings once, then masks for any number of prompts on those images.
 
-  def __init__(self, sam_model: Sam):
+  One image: ``set_image(image)`` then ``predict(...)``, as the official. Many (any sizes):
+  ``set_images(images)`` encodes them in batches, then ``predict(..., image_index=i)`` per image,
+  e.g. ``[predictor.predict(box=b, image_index=i) for i, b in enumerate(boxes)]``.
+  """
+
+  def __init__(self, sam_model: Sam, dtype: str | None = None):
+    """dtype: None runs ``sam_model`` as it is; "bfloat16" (for accelerators) a copy whose weights
+    are cast once to bfloat16 (``modeling.sam.cast_for_inference``); outputs stay float32."""
+    enable_compilation_cache()
+    if dtype is not None:
+      sam_model = cast_for_inference(sam_model, dtype)
     self.model = sam_model
     self.transform = ResizeLongestSide(sam_model.image_size)
     graphdef, self._state = nnx.split(sam_model)
@@ -134,13 +167,30 @@ class SamPredictor:
 
   def set_image(self, image: np.ndarray, image_format: str = 'RGB') -> None:
     """Encodes an HxWx3 uint8 image (``image_format`` "RGB" or "BGR")."""
+    self.set_images([image], image_format)
+
+  def set_images(self, images: Sequence[np.ndarray], image_format: str = 'RGB',
+                 batch_size: int = 8) -> None:
+    """Encodes HxWx3 uint8 images of any sizes, up to ``batch_size`` per encoder call; then
+    ``predict(..., image_index=i)`` prompts image i.
+
+    Each image is resized to longest side S and padded as by ``set_image``, so all share one input
+    shape; calls take powers of two (``chunk_sizes``). Embeddings equal ``set_image``'s to float
+    rounding. On CPU batches do not run faster per image; on a GPU they do (vit_h bf16 on an H100:
+    38 ms at batch 1, 31 ms per image at batch 8).
+    """
     if image_format not in ('RGB', 'BGR'):
       raise ValueError(f'image_format must be "RGB" or "BGR", got {image_format!r}')
-    image = check_image(image)
-    if image_format != self.model.image_format:
-      image = image[..., ::-1]
-    input_image = self.transform.apply_image(np.ascontiguousarray(image))
-    self.set_jax_image(input_image[None], image.shape[:2])
+    if len(images) == 0:
+      raise ValueError('images is empty')
+    resized, sizes = [], []
+    for image in images:
+      image = check_image(image)
+      if image_format != self.model.image_format:
+        image = image[..., ::-1]
+      resized.append(self.transform.apply_image(np.ascontiguousarray(image)))
+      sizes.append(image.shape[:2])
+    self._encode(resized, sizes, batch_size)
 
   def set_jax_image(self, transformed_image: np.ndarray | jax.Array,
                     original_image_size: tuple[int, ...]) -> None:
@@ -150,23 +200,35 @@ class SamPredictor:
         transformed_image.shape[3] != 3 or max(transformed_image.shape[1:3]) != s:
       raise ValueError(f'transformed_image must be (1, h, w, 3) with longest side {s}, got shape '
                        f'{transformed_image.shape}')
+    self._encode([np.asarray(transformed_image[0])], [original_image_size], 1)
+
+  def _encode(self, resized: list[np.ndarray], original_sizes: list[tuple[int, ...]],
+              batch_size: int) -> None:
+    """Encodes images already resized to longest side S, ``chunk_sizes`` of them per call."""
     self.reset_image()
-    self.original_size = tuple(int(v) for v in original_image_size[:2])
-    self.input_size = tuple(int(v) for v in transformed_image.shape[1:3])
-    x = normalize_and_pad(np.asarray(transformed_image[0]), s)[None]
-    self.features = self.programs.encode(self._state, x)
+    s, start, features = self.model.image_size, 0, []
+    for n in chunk_sizes(len(resized), batch_size):
+      x = np.stack([normalize_and_pad(im, s) for im in resized[start:start + n]])  # (n, S, S, 3)
+      out = self.programs.encode(self._state, x)  # (n, g, g, C)
+      features.extend([out] if n == 1 else unstack(out))
+      start += n
+    self._features = features
+    self.original_sizes = [tuple(int(v) for v in size[:2]) for size in original_sizes]
+    self.input_sizes = [tuple(int(v) for v in im.shape[:2]) for im in resized]
     self.is_image_set = True
 
   def predict(self, point_coords: np.ndarray | None = None, point_labels: np.ndarray | None = None,
               box: np.ndarray | None = None, mask_input: np.ndarray | None = None,
-              multimask_output: bool = True, return_logits: bool = False):
+              multimask_output: bool = True, return_logits: bool = False, *,
+              image_index: int = 0):
     """Masks (C, H, W), IoU predictions (C,), low-res logits (C, L, L) as numpy, like the official.
 
     point_coords (N, 2) (x, y) pixels of the original image with point_labels (N,) (1 foreground,
-    0 background); box (4,) XYXY; mask_input (1, L, L) logits from an earlier call.
+    0 background); box (4,) XYXY; mask_input (1, L, L) logits from an earlier call; image_index:
+    which image of ``set_images``.
     """
-    self._check_image_set()
-    h, w = self.original_size
+    self._check_image_set(image_index)
+    original_size = self.original_sizes[image_index]
     coords = labels = boxes = masks = None
     if point_coords is not None or point_labels is not None:
       if point_coords is None or point_labels is None:
@@ -181,39 +243,41 @@ class SamPredictor:
       if not np.isin(point_labels, (0, 1, NOT_A_POINT_LABEL)).all():
         raise ValueError(f'point_labels must be 1 (foreground), 0 (background) or -1 (ignored), '
                          f'got {np.unique(point_labels).tolist()}')
-      self._check_inside(point_coords, 'point_coords')
-      coords = self.transform.apply_coords(point_coords, self.original_size)[None]
+      self._check_inside(point_coords, 'point_coords', original_size)
+      coords = self.transform.apply_coords(point_coords, original_size)[None]
       labels = point_labels.astype(np.int32)[None]
     if box is not None:
       box = np.asarray(box, np.float64)
       if box.size != 4 or box.ndim > 2:
         raise ValueError(f'box must be 4 numbers (x0, y0, x1, y1), got shape {box.shape}')
       box = box.reshape(4)
-      self._check_inside(box.reshape(2, 2), 'box')
+      self._check_inside(box.reshape(2, 2), 'box', original_size)
       if box[2] < box[0] or box[3] < box[1]:
         raise ValueError(f'box must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1, got {box}')
-      boxes = self.transform.apply_boxes(box, self.original_size)
+      boxes = self.transform.apply_boxes(box, original_size)
     if mask_input is not None:
       size = self.model.config.low_res_size
       masks = np.asarray(mask_input, np.float32)
       if masks.shape != (1, size, size):
         raise ValueError(f'mask_input must be (1, {size}, {size}) low-res logits (as returned by '
                          f'predict), got shape {masks.shape}')
-    out = self.predict_jax(coords, labels, boxes, masks, multimask_output, return_logits)
+    out = self.predict_jax(coords, labels, boxes, masks, multimask_output, return_logits,
+                           image_index=image_index)
     return tuple(np.asarray(a)[0] for a in out)
 
   def predict_jax(self, point_coords=None, point_labels=None, boxes=None, mask_input=None,
                   multimask_output: bool = True, return_logits: bool = False, *,
-                  pad_masks_to: int = 1, min_prompt_len: int = 0):
+                  pad_masks_to: int = 1, min_prompt_len: int = 0, image_index: int = 0):
     """Batched prompts in the model's input frame (the official ``predict_torch``).
 
     point_coords (B, N, 2), point_labels (B, N), boxes (B, 4), mask_input (B, 1, L, L) or (B, L, L).
     Returns jax arrays: masks (B, C, H, W), IoU predictions (B, C), low-res logits (B, C, L, L).
     To compile fewer programs over many images and prompt lengths (this module's docstring):
     ``pad_masks_to`` pads H and W to multiples of it (padding reads as no mask / logit 0), and
-    ``min_prompt_len`` pads the prompt with inert slots to at least that many tokens.
+    ``min_prompt_len`` pads the prompt with inert slots to at least that many tokens. image_index:
+    which image of ``set_images`` (coordinates in its input frame, ``input_sizes[image_index]``).
     """
-    self._check_image_set()
+    self._check_image_set(image_index)
     batch = next((len(a) for a in (point_coords, boxes, mask_input) if a is not None), 1)
     if point_coords is not None:
       if point_labels is None or np.shape(point_labels) != np.shape(point_coords)[:2]:
@@ -227,9 +291,11 @@ class SamPredictor:
       size = self.model.config.low_res_size
       mask_input = jnp.asarray(mask_input, jnp.float32).reshape(batch, size, size)
     weights = padded_postprocess_weights(self.model.config.low_res_size, self.model.image_size,
-                                         self.input_size, self.original_size, pad_masks_to)
-    return self.programs.predict(self._state, self.features, self._image_pe, coords, labels,
-                                 mask_input, weights, multimask_output=bool(multimask_output),
+                                         self.input_sizes[image_index],
+                                         self.original_sizes[image_index], pad_masks_to)
+    return self.programs.predict(self._state, self._features[image_index], self._image_pe,
+                                 coords, labels, mask_input, weights,
+                                 multimask_output=bool(multimask_output),
                                  return_logits=bool(return_logits))
 
   @property
@@ -243,23 +309,50 @@ class SamPredictor:
     """The prompt encoder's dense positional encoding (1, g, g, C), computed once."""
     return self._image_pe
 
+  @property
+  def features(self) -> jax.Array | None:
+    """The image embeddings (N, g, g, C) of the N images set (channels last), or None."""
+    if not self.is_image_set:
+      return None
+    return self._features[0] if len(self._features) == 1 else jnp.concatenate(self._features)
+
+  def image_features(self, image_index: int = 0) -> jax.Array:
+    """The embedding (1, g, g, C) of one image of ``set_images``."""
+    self._check_image_set(image_index)
+    return self._features[image_index]
+
+  @property
+  def original_size(self) -> tuple[int, int] | None:
+    """(H, W) of the image set (the first one after ``set_images``); ``original_sizes`` has all."""
+    return self.original_sizes[0] if self.original_sizes else None
+
+  @property
+  def input_size(self) -> tuple[int, int] | None:
+    """(h, w) of the image set, resized to longest side S (the first one after ``set_images``)."""
+    return self.input_sizes[0] if self.input_sizes else None
+
   def get_image_embedding(self) -> jax.Array:
-    """The image embedding (1, C, g, g), in the official channel-first layout."""
+    """The image embeddings (N, C, g, g) (N = 1 after ``set_image``), in the official
+    channel-first layout."""
     self._check_image_set()
     return jnp.transpose(self.features, (0, 3, 1, 2))
 
   def reset_image(self) -> None:
     self.is_image_set = False
-    self.features = None
-    self.original_size = None
-    self.input_size = None
+    self._features = []
+    self.original_sizes = []
+    self.input_sizes = []
 
-  def _check_image_set(self) -> None:
+  def _check_image_set(self, image_index: int = 0) -> None:
     if not self.is_image_set:
       raise ValueError('An image must be set with .set_image(...) before mask prediction.')
+    if not 0 <= image_index < len(self._features):
+      raise ValueError(f'image_index {image_index} out of range: {len(self._features)} image(s) '
+                       'set')
 
-  def _check_inside(self, xy: np.ndarray, name: str) -> None:
-    h, w = self.original_size
+  @staticmethod
+  def _check_inside(xy: np.ndarray, name: str, original_size: tuple[int, int]) -> None:
+    h, w = original_size
     if not np.isfinite(xy).all():
       raise ValueError(f'{name} must be finite, got {xy.tolist()}')
     outside = (xy[:, 0] < 0) | (xy[:, 0] > w) | (xy[:, 1] < 0) | (xy[:, 1] > h)
