@@ -13,7 +13,8 @@ OUT ?= out
 PYTEST_ARGS ?=
 
 # Quick tests of the code's use of jax / flax / optax / orbax / TFDS / Grain (no PyTorch): ~3 min.
-FAST_TESTS ?= tests/test_modeling.py tests/test_optimizer.py tests/test_training_losses.py \
+FAST_TESTS ?= tests/test_modeling.py tests/test_attention_paths.py tests/test_optimizer.py \
+	tests/test_training_losses.py \
 	tests/test_prompt_rounds.py tests/test_sharding.py tests/test_data_pipeline.py \
 	tests/test_compile_only.py
 FAST_SELECT ?= not compiled and not fsdp and not microbatches_give

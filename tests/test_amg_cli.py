@@ -64,6 +64,12 @@ def test_rle_json_decodes_to_the_png_masks(images, tmp_path, capsys):
   code, _ = run(['--input', str(image), '--output', str(tmp_path / 'rle'), '--convert-to-rle',
                  '--device', 'cpu'], capsys)
   assert code == 0
+  # bf16 weights: the same kind of output (values may differ slightly from float32's)
+  code, _ = run(['--input', str(image), '--output', str(tmp_path / 'bf16'), '--convert-to-rle',
+                 '--dtype', 'bfloat16'], capsys)
+  assert code == 0 and json.loads((tmp_path / 'bf16' / 'coffee.json').read_text())
+  with pytest.raises(SystemExit):  # argparse: an unknown dtype
+    amg.main(['--input', str(image), '--output', str(tmp_path / 'x'), '--dtype', 'float16'])
   records = json.loads((tmp_path / 'rle' / 'coffee.json').read_text())
   assert records and sorted(records[0]) == ['area', 'bbox', 'crop_box', 'point_coords',
                                             'predicted_iou', 'segmentation', 'stability_score']

@@ -150,7 +150,7 @@ def test_choose_per_backend(monkeypatch):
   vit_h_global = dict(d=80, grid=(64, 64))
   choose = attention.choose
   assert choose('auto', dtype=bf16, platform='cpu', **vit_h_global) == ('chunked', None)
-  assert choose('auto', dtype=bf16, platform='tpu', **vit_h_global) == ('folded', 'xla')
+  assert choose('auto', dtype=bf16, platform='tpu', **vit_h_global) == ('chunked', None)
   assert choose('folded', dtype=bf16, platform='cpu', **vit_h_global) == ('folded', 'xla')
   assert choose('bias_xla', dtype=bf16, platform='gpu', **vit_h_global) == ('bias', 'xla')
   monkeypatch.setattr(attention, 'cuda_capability', lambda: (9, 0))  # an H100

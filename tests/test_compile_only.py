@@ -174,6 +174,8 @@ def test_compiled_memory_per_chip(reports):
   assert mem['total'] == (mem['argument'] + mem['output'] - mem['alias'] + mem['temp']
                           + mem['generated_code'])
   assert mem['total'] < r['hbm_bytes']
+  # 'auto' attention is resolved for the target (attention.ahead_of_time), not left to the host
+  assert r['attention'] == 'chunked'
   # The compiled step's arguments are the state and the batch, as the shardings say, plus the
   # padding of TPU layouts (tiles of 8 x 128: large for vit_tiny's small arrays).
   expected = (r['params']['bytes_per_device'] + r['opt_state']['bytes_per_device']

@@ -39,7 +39,10 @@ import numpy as np
 
 # 'auto': chunked on CPU; folded with cuDNN on a CUDA GPU when bf16 / f16 and cuDNN takes the head
 # dim (else bias with cuDNN, else chunked: f32 runs chunked, the path measured at 3x the official
-# f32 speed on an H100); folded with XLA on TPU and other backends. The GPU choice of folded over
+# f32 speed on an H100); chunked on TPU and other backends: compiled ahead of time for a v5p chip
+# (bench/encoder_tpu_compile.py, vit_h fwd + bwd, bf16, batch 2, remat block), folded through XLA
+# needs 1.07x the chunked form's temporaries and 1.71x its FLOPs (the wider head), bias 1.76x and
+# 1.29x; a Pallas flash kernel for the folded form is not written. The GPU choice of folded over
 # bias is from a probe (DESIGN.md: vit_h global attention, batch 4, bf16, fwd 2.0 vs 3.6 ms, fwd +
 # bwd 10.7 vs 13.5 ms), not yet from a whole-encoder measurement: bench/encoder_gpu.py compares all.
 # '<form>_xla' forces XLA's implementation of jax.nn.dot_product_attention (tests, benches).
@@ -127,7 +130,7 @@ def choose(name: str, *, dtype, d: int, grid: tuple[int, int],
         if cudnn_refusal(form, dtype, d, grid) is None:
           return form, 'cudnn'
       return 'chunked', None
-    return 'folded', 'xla'
+    return 'chunked', None
   form, _, forced = name.partition('_')
   if form == 'chunked' or forced == 'xla':
     return form, None if form == 'chunked' else 'xla'
@@ -137,6 +140,12 @@ def choose(name: str, *, dtype, d: int, grid: tuple[int, int],
   if platform == 'gpu':
     _warn_fallback(form, reason)
   return form, 'xla'
+
+
+def ahead_of_time(platform: str) -> str:
+  """The form 'auto' stands for on ``platform``, named explicitly: for a program compiled ahead of
+  time for a backend other than the default one (e.g. a TPU slice from a CPU host)."""
+  return 'folded' if platform == 'gpu' else 'chunked'
 
 
 def attend(name: str, q, k, v, rel_h_table, rel_w_table, grid: tuple[int, int], scale: float, *,

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from sam_jax.modeling import attention
 from sam_jax.training import loop
 from sam_jax.training.topology import CHIPS, GiB, Target
 
@@ -52,6 +53,12 @@ def sharding_summary(tree) -> dict[str, Any]:
 def lower(config: ml_collections.ConfigDict, target: Target):
   """(lowered train step, report so far): the mesh, shardings and step of a real run over the
   target's devices, traced from shapes (Python: in the calling thread)."""
+  platform = target.devices[0].platform
+  if config.get('attention', 'auto') == 'auto' and platform != jax.default_backend():
+    # 'auto' is resolved from the default backend when traced: name the target's form instead
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+      config.attention = attention.ahead_of_time(platform)
   mesh = loop.make_mesh(config, devices=target.devices)
   t = loop.setup(config, mesh, num_processes=target.num_processes)
   b, m = t.batch_spec['mask_valid'].shape
@@ -62,7 +69,8 @@ def lower(config: ml_collections.ConfigDict, target: Target):
       'devices': target.num_devices, 'processes': target.num_processes,
       'mesh': dict(mesh.shape), 'global_batch': b, 'masks_per_image': m,
       'rounds': config.num_rounds, 'microbatches': config.get('microbatches', 1),
-      'remat': config.remat, 'round_remat': config.round_remat, 'dtype': config.model_dtype,
+      'remat': config.remat, 'attention': config.get('attention', 'auto'),
+      'round_remat': config.round_remat, 'dtype': config.model_dtype,
       'trainable': config.trainable, 'estimate': target.estimate,
       'params': sharding_summary(t.abstract_state['params']),
       'opt_state': sharding_summary(t.abstract_state['opt_state']),
@@ -127,7 +135,8 @@ def format_report(r: dict[str, Any]) -> str:
       + (f' (compiled for {r["compiled_for"]})' if r['compiled_for'] != r['topology'] else '')
       + f': {r["devices"]} x {r["chip"]}, {r["processes"]} process(es)',
       f'  mesh {mesh}; global batch {r["global_batch"]} images x {r["masks_per_image"]} masks x '
-      f'{r["rounds"]} rounds in {r["microbatches"]} microbatch(es); remat {r["remat"]}, round '
+      f'{r["rounds"]} rounds in {r["microbatches"]} microbatch(es); attention {r["attention"]}, '
+      f'remat {r["remat"]}, round '
       f'remat {r["round_remat"]}',
   ]
   if r['estimate']:

@@ -16,6 +16,8 @@ from sam_jax.data.config import InputConfig
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = 'vit_b'                 # a sam_jax VARIANTS name
+  c.attention = 'auto'              # encoder attention (modeling.attention.IMPLEMENTATIONS); 'auto'
+                                    # picks by the backend, and by the target with --compile_only
   c.model_dtype = 'bfloat16'        # compute dtype; parameters and optimizer state stay float32
   c.init_checkpoint = ''            # official .pth / HF safetensors / orbax dir / training workdir
   c.trainable = 'all'               # 'all' | 'decoder' (prompt encoder + mask decoder only)

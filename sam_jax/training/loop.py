@@ -40,7 +40,8 @@ class NonFiniteLossError(RuntimeError):
 def model_config(config: ml_collections.ConfigDict) -> SamConfig:
   if config.model not in VARIANTS:
     raise ValueError(f'config.model {config.model!r}: choose one of {sorted(VARIANTS)}')
-  cfg = VARIANTS[config.model].replace(dtype=config.model_dtype)
+  cfg = VARIANTS[config.model].replace(dtype=config.model_dtype,
+                                       attention=config.get('attention', 'auto'))
   if cfg.image_size != config.data.image_size:
     raise ValueError(f'config.data.image_size {config.data.image_size} differs from the model\'s '
                      f'input size {cfg.image_size} ({config.model})')
@@ -135,7 +136,7 @@ def global_batch(batch: dict[str, np.ndarray], shardings: dict[str, NamedShardin
 
 
 def create_state(config, cfg: SamConfig, tx, mesh, rule_list):
-  """(graphdef, abstract state, state shardings, init fn): parameters are born sharded."""
+  """(abstract state, state shardings, init fn): parameters are born sharded."""
   seed = config.seed
 
   def init():
@@ -145,11 +146,9 @@ def create_state(config, cfg: SamConfig, tx, mesh, rule_list):
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'frozen': frozen,
             'opt_state': tx.init(params), 'rng': jax.random.PRNGKey(seed + 1)}
 
-  abstract_model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(seed)))
-  graphdef, _, _ = train_step.split_model(abstract_model, config.trainable)
   abstract = jax.eval_shape(init)
   shardings = state_shardings(abstract, mesh, rule_list)
-  return graphdef, abstract, shardings, init
+  return abstract, shardings, init
 
 
 def load_initial_weights(path: str, cfg: SamConfig, state, shardings, config, tx):
@@ -267,9 +266,9 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   rule_list = rules(config)
   cfg = model_config(config)
   abstract_model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0)))
-  _, abstract_params, _ = train_step.split_model(abstract_model, config.trainable)
+  graphdef, abstract_params, _ = train_step.split_model(abstract_model, config.trainable)
   tx, schedule = optimizer.make_optimizer(config, abstract_params, cfg)
-  graphdef, abstract_state, shardings, init = create_state(config, cfg, tx, mesh, rule_list)
+  abstract_state, shardings, init = create_state(config, cfg, tx, mesh, rule_list)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, shardings)
   spec = global_batch_spec(input_config(config, num_processes=num_processes), num_processes)
