@@ -136,8 +136,7 @@ def format_report(r: dict[str, Any]) -> str:
       + f': {r["devices"]} x {r["chip"]}, {r["processes"]} process(es)',
       f'  mesh {mesh}; global batch {r["global_batch"]} images x {r["masks_per_image"]} masks x '
       f'{r["rounds"]} rounds in {r["microbatches"]} microbatch(es); attention {r["attention"]}, '
-      f'remat {r["remat"]}, round '
-      f'remat {r["round_remat"]}',
+      f'remat {r["remat"]}, round remat {r["round_remat"]}',
   ]
   if r['estimate']:
     lines.append(f'  ** {r["estimate"]} **')
