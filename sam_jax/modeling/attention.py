@@ -29,13 +29,14 @@ ahead-of-time compile for another platform) should name its form explicitly.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sam_jax.modeling.layers import precision_context
 
 # 'auto': chunked on CPU; folded with cuDNN on a CUDA GPU when bf16 / f16 and cuDNN takes the head
 # dim (else bias with cuDNN, else chunked: f32 runs chunked, the path measured at 3x the official
@@ -219,7 +220,9 @@ def folded(q, k, v, rel_h_table, rel_w_table, grid: tuple[int, int], scale: floa
   select = jnp.broadcast_to(jnp.asarray(select, k.dtype)[:, None], (b, hw, n, h + w + pad))
   k_fold = jnp.concatenate([k, select], -1)  # (B, HW, heads, d + H + W + pad)
   v_fold = jnp.concatenate([v, jnp.zeros((b, hw, n, h + w + pad), v.dtype)], -1)
-  with _matmul_precision(precision):
+  # jax.nn.dot_product_attention takes no precision=: the context reaches its XLA form's
+  # einsums (cuDNN's kernel ignores it)
+  with precision_context(precision):
     out = jax.nn.dot_product_attention(q_fold, k_fold, v_fold, scale=1.0,
                                        implementation=implementation)
   return out[..., :d]
@@ -232,12 +235,5 @@ def bias(q, k, v, rel_h_table, rel_w_table, grid: tuple[int, int], scale: float,
   rel_h, rel_w = rel_terms(q, rel_h_table, rel_w_table, grid, precision)
   rel = rel_h[..., :, None] + rel_w[..., None, :]  # (B, H, W, heads, kH, kW)
   rel = rel.reshape(b, hw, n, hw).transpose(0, 2, 1, 3)  # (B, heads, HW, HW)
-  with _matmul_precision(precision):
+  with precision_context(precision):  # as in folded
     return jax.nn.dot_product_attention(q, k, v, rel, scale=scale, implementation=implementation)
-
-
-def _matmul_precision(precision: str | None):
-  """``jax.nn.dot_product_attention`` takes no precision: its XLA form's float32 einsums read
-  ``jax_default_matmul_precision`` when traced (the setting is part of the trace context and of
-  jit's cache key), so the context applies ``precision`` to them; cuDNN's kernel ignores it."""
-  return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()

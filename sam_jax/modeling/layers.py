@@ -7,6 +7,7 @@ on recent NVIDIA GPUs).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Callable, Sequence
@@ -25,18 +26,21 @@ def param(rngs: nnx.Rngs | None, init: Callable, shape: Sequence[int], axes: Axe
   return nnx.Param(value, eager_sharding=False, out_sharding=tuple(axes))
 
 
-def with_precision(method: Callable) -> Callable:
-  """Traces ``method`` under ``jax.default_matmul_precision(self.precision)`` (unless None).
+def precision_context(precision: str | None):
+  """``jax.default_matmul_precision(precision)``, or nothing for None (jax's default).
 
-  For modules whose matmuls are not all given ``precision=`` (the prompt encoder and the mask
-  decoder). The setting is read when an op is traced and is part of jit's cache key and trace
-  context, so it reaches every matmul and conv traced inside, nested jits and scans included.
+  The setting is read when an op is traced and is part of jit's cache key and trace context, so it
+  reaches every matmul and conv traced inside, nested jits and scans included.
   """
+  return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
+
+
+def with_precision(method: Callable) -> Callable:
+  """Traces ``method`` under ``precision_context(self.precision)``: for modules whose matmuls are
+  not all given ``precision=`` (the prompt encoder and the mask decoder)."""
   @functools.wraps(method)
   def traced(self, *args, **kwargs):
-    if self.precision is None:
-      return method(self, *args, **kwargs)
-    with jax.default_matmul_precision(self.precision):
+    with precision_context(self.precision):
       return method(self, *args, **kwargs)
   return traced
 
