@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import ml_collections
 
-from sam_jax.modeling import attention
 from sam_jax.training import loop
 from sam_jax.training.topology import CHIPS, GiB, Target
 
@@ -53,12 +52,6 @@ def sharding_summary(tree) -> dict[str, Any]:
 def lower(config: ml_collections.ConfigDict, target: Target):
   """(lowered train step, report so far): the mesh, shardings and step of a real run over the
   target's devices, traced from shapes (Python: in the calling thread)."""
-  platform = target.devices[0].platform
-  if config.get('attention', 'auto') == 'auto' and platform != jax.default_backend():
-    # 'auto' is resolved from the default backend when traced: name the target's form instead
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-      config.attention = attention.ahead_of_time(platform)
   mesh = loop.make_mesh(config, devices=target.devices)
   t = loop.setup(config, mesh, num_processes=target.num_processes)
   b, m = t.batch_spec['mask_valid'].shape
@@ -69,7 +62,7 @@ def lower(config: ml_collections.ConfigDict, target: Target):
       'devices': target.num_devices, 'processes': target.num_processes,
       'mesh': dict(mesh.shape), 'global_batch': b, 'masks_per_image': m,
       'rounds': config.num_rounds, 'microbatches': config.get('microbatches', 1),
-      'remat': config.remat, 'attention': config.get('attention', 'auto'),
+      'remat': config.remat, 'attention': t.model_config.attention,
       'round_remat': config.round_remat, 'dtype': config.model_dtype,
       'trainable': config.trainable, 'estimate': target.estimate,
       'params': sharding_summary(t.abstract_state['params']),

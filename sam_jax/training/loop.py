@@ -25,6 +25,7 @@ from tqdm import tqdm
 from sam_jax import sharding
 from sam_jax.data import preprocess
 from sam_jax.data.config import InputConfig
+from sam_jax.modeling import attention
 from sam_jax.modeling.config import VARIANTS, SamConfig
 from sam_jax.modeling.sam import Sam
 from sam_jax.training import (checkpointing, losses, metrics as metrics_lib, optimizer,
@@ -265,6 +266,11 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   mesh = mesh or make_mesh(config)
   rule_list = rules(config)
   cfg = model_config(config)
+  platform = mesh.devices.flat[0].platform
+  if cfg.attention == 'auto' and platform != jax.default_backend():
+    # 'auto' is resolved from the default backend when traced: name the mesh's form instead
+    # (e.g. a TPU slice compiled from a CPU host with --compile_only)
+    cfg = cfg.replace(attention=attention.ahead_of_time(platform))
   abstract_model = nnx.eval_shape(lambda: Sam(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_params, _ = train_step.split_model(abstract_model, config.trainable)
   tx, schedule = optimizer.make_optimizer(config, abstract_params, cfg)
