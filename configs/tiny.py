@@ -28,6 +28,11 @@ def get_config(arg: str = ''):
   # The paper's 20 x focal + dice slows a decoder trained from scratch: decoder alone, perfect image
   # features, 400 steps: IoU 0.14 at focal weight 20, 0.30 at 5, 0.33 at 1, 0.09 at 0 (dice alone).
   c.loss.focal_weight = 1.0
+  # From scratch the encoder learns to tell objects apart only slowly through the decoder (after
+  # 1800 steps, a mask's tokens share no direction: losses.grouping_loss 4.8, prototype token IoU
+  # 0.05); this loss on the embedding, from the same masks, teaches it directly (0.45, 0.65) and took
+  # held-out 1-click mIoU from 0.35 to 0.46 (weight 3: see the README).
+  c.grouping_loss_weight = 1.0
   c.data.normalize = True
   c.num_steps = 1800
   c.drop_path_rate = 0.0

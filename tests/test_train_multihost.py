@@ -156,7 +156,11 @@ def test_two_processes_log_the_same_steps_and_evaluation_as_one(runs):
                                  err_msg=f'step {a["step"]} {k}')
     # Process 0 read half the images (its data counters are its own).
     assert 2 * b['data/images_ok'] == a['data/images_ok']
-  assert single['history'][-1]['loss'] < single['history'][0]['loss']
+  # It learns: the prompt rounds' loss falls (not the total: tiny's grouping loss first rises, as
+  # the blank first embedding takes random directions).
+  rounds_loss = lambda h: np.mean([v for k, v in h.items()
+                                   if k.startswith('round_') and k.endswith('/loss')])
+  assert rounds_loss(single['history'][-1]) < rounds_loss(single['history'][0])
   print(f'largest logged difference: {worst:.2g}')
   assert single['eval']['masks'] == multi['eval']['masks'] > 0
   np.testing.assert_allclose(multi['eval']['miou'], single['eval']['miou'], atol=2e-4)

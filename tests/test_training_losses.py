@@ -255,3 +255,99 @@ def test_sam_loss_low_precision_logits_computed_in_float32(dtype):
                      np.asarray(jnp.asarray(iou_pred).astype(dtype).astype(jnp.float32)),
                      targets, allowed)
   np.testing.assert_allclose(np.asarray(out['loss']), ref['loss'], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# grouping_loss (the auxiliary loss on the image embedding).
+
+def np_grouping(emb, masks, scale=10.0):
+  """Loops over images and masks; float64."""
+  emb = np.asarray(emb, np.float64)
+  b, g, _, c = emb.shape
+  m, low = masks.shape[1], masks.shape[-1]
+  f = low // g
+  out = np.zeros((b, m))
+  for i in range(b):
+    e = emb[i] / np.sqrt((emb[i] ** 2).sum(-1, keepdims=True) + 1e-6)
+    for j in range(m):
+      frac = np.zeros((g, g))
+      for y in range(g):
+        for x in range(g):
+          frac[y, x] = masks[i, j, y * f:(y + 1) * f, x * f:(x + 1) * f].mean()
+      proto = (frac[..., None] * e).sum((0, 1))
+      proto = proto / np.sqrt((proto ** 2).sum() + 1e-6)
+      logits = scale * (e @ proto - 0.5)
+      bce = np.logaddexp(0.0, logits) - logits * frac
+      out[i, j] = bce.mean() + np_dice(logits, frac)
+  return out
+
+
+def test_grouping_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(2, 4, 4, 8)).astype(np.float32)
+  masks = rng.random((2, 3, 16, 16)) < 0.3
+  masks[1, 2] = False  # an empty mask: zero prototype, finite loss
+  got = np.asarray(jax.jit(losses.grouping_loss)(jnp.asarray(emb), jnp.asarray(masks)))
+  np.testing.assert_allclose(got, np_grouping(emb, masks), rtol=1e-5, atol=1e-6)
+
+
+def test_grouping_loss_rewards_one_code_per_object_and_has_finite_gradients():
+  """Tokens carrying their object's own (orthogonal) code score far below random embeddings,
+  and an all-zero embedding with an empty mask still has a finite gradient."""
+  rng = np.random.default_rng(1)
+  ids = rng.integers(0, 3, (2, 4, 4))                      # object id of each token
+  codes = np.eye(8)[:3]                                    # orthogonal codes
+  coded = codes[ids].astype(np.float32)                    # (2, 4, 4, 8)
+  masks = np.repeat(np.repeat(ids[:, None] == np.arange(3)[None, :, None, None], 4, 2), 4, 3)
+  loss = jax.jit(losses.grouping_loss)
+  good = float(loss(jnp.asarray(coded), jnp.asarray(masks)).mean())
+  noise = float(loss(jnp.asarray(rng.normal(size=coded.shape).astype(np.float32)),
+                     jnp.asarray(masks)).mean())
+  assert good < 0.1 < 0.5 < noise
+  masks[0, 1] = False
+  grad = jax.grad(lambda e: loss(e, jnp.asarray(masks)).sum())(jnp.zeros(coded.shape))
+  assert np.isfinite(np.asarray(grad)).all()
+
+
+def test_grouping_loss_enters_the_train_step():
+  """With ``grouping_loss_weight`` w the step's loss is the rounds' mean plus w x the mean over
+  valid masks of ``grouping_loss`` of the encoder's embedding, reported as 'grouping_loss'."""
+  import optax
+  from flax import nnx
+
+  from sam_jax.modeling.config import VARIANTS
+  from sam_jax.modeling.sam import Sam
+  from sam_jax.training import config as train_config, train_step
+
+  config = train_config.default_config()
+  config.update(model='vit_tiny', model_dtype='float32', num_rounds=2, drop_path_rate=0.0,
+                decoder_dropout=0.0, remat='none', round_remat=False, grouping_loss_weight=2.5)
+  model = Sam(VARIANTS['vit_tiny'], rngs=nnx.Rngs(0))
+  graphdef, params, frozen = train_step.split_model(model, 'all')
+  rng = np.random.default_rng(0)
+  b, m, s, low = 2, 3, 256, 64
+  masks = np.zeros((b, m, low, low), bool)
+  for i in range(b):
+    for j in range(m):
+      y, x = rng.integers(0, 48, 2)
+      masks[i, j, y:y + 16, x:x + 16] = True
+  valid = np.array([[True, True, False], [True, True, True]])
+  masks[0, 2] = False
+  batch = {
+      'image': rng.normal(size=(b, s, s, 3)).astype(np.float32),
+      'input_size': np.full((b, 2), s, np.int32), 'original_size': np.full((b, 2), s, np.int32),
+      'image_id': np.arange(b, dtype=np.int32), 'masks': masks, 'mask_valid': valid,
+      'prompt_coords': rng.uniform(0, s, (b, m, 2, 2)).astype(np.float32),
+      'prompt_labels': np.tile(np.array([1, -1], np.int32), (b, m, 1)),
+      'gt_boxes': np.zeros((b, m, 4), np.float32)}
+  tx = optax.sgd(0.0)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'frozen': frozen,
+           'opt_state': tx.init(params), 'rng': jax.random.PRNGKey(0)}
+  step = jax.jit(train_step.make_train_step(graphdef, config, tx, optax.constant_schedule(0.0)))
+  _, metrics = step(state, batch)
+
+  emb = model.image_encoder(jnp.asarray(batch['image']))
+  expected = np.asarray(losses.grouping_loss(emb, jnp.asarray(masks)))[valid].mean()
+  np.testing.assert_allclose(float(metrics['grouping_loss']), expected, rtol=1e-4)
+  rounds = float(np.mean(np.asarray(metrics['round/loss'])))
+  np.testing.assert_allclose(float(metrics['loss']), rounds + 2.5 * expected, rtol=1e-5)

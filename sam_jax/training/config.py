@@ -49,6 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.num_rounds = 11                 # 1 first prompt + 8 sampled points + 2 rounds without
   c.eval_rounds = 9                 # clicks in evaluation (mIoU at 1 .. eval_rounds points)
   c.loss = ml_collections.ConfigDict(dict(focal_weight=20.0, dice_weight=1.0, iou_weight=1.0))
+  c.grouping_loss_weight = 0.0      # not in the paper: x losses.grouping_loss, which teaches the
+                                    # image embedding one direction per object, from the masks
   c.drop_path_rate = 0.4            # the released code has none
   c.decoder_dropout = 0.1           # the released code has none
   c.remat = 'block'                 # encoder remat policy (image_encoder.REMAT_POLICIES)

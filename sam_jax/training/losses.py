@@ -68,3 +68,25 @@ def sam_loss(logits: jax.Array, iou_pred: jax.Array, targets: jax.Array, allowed
   return {'loss': pick(mask_loss) + iou_weight * iou_mse, 'focal': pick(focal),
           'dice': pick(dice), 'iou_mse': iou_mse, 'best': best, 'iou': pick(true_iou),
           'iou_oracle': jnp.where(allowed, true_iou, 0.0).max(1)}
+
+
+def grouping_loss(embedding: jax.Array, masks: jax.Array, scale: float = 10.0) -> jax.Array:
+  """An auxiliary loss on the image embedding (not in the paper): each mask's tokens should point
+  the way of the mask's mean direction, and every other token away from it.
+
+  embedding (B, g, g, C), masks (B, M, L, L) with L a multiple of g -> (B, M). Each mask is pooled
+  to the token grid (f = the fraction of each token it covers) and its prototype is the unit mean
+  of the unit token embeddings weighted by f; a token's logit is ``scale * (cos - 1/2)`` with the
+  prototype, scored against f by BCE (mean over tokens) + dice. An empty mask gives a zero
+  prototype and a small, finite loss.
+  """
+  b, g = embedding.shape[:2]
+  m, low = masks.shape[1], masks.shape[-1]
+  f = low // g
+  frac = masks.astype(jnp.float32).reshape(b, m, g, f, g, f).mean((3, 5))  # (B, M, g, g)
+  unit = lambda x: x * jax.lax.rsqrt((x * x).sum(-1, keepdims=True) + 1e-6)  # finite grad at 0
+  e = unit(embedding.astype(jnp.float32))
+  proto = unit(jnp.einsum('bmhw,bhwc->bmc', frac, e))
+  logits = scale * (jnp.einsum('bhwc,bmc->bmhw', e, proto) - 0.5)  # (B, M, g, g)
+  bce = jnp.maximum(logits, 0) - logits * frac + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  return bce.mean((-2, -1)) + dice_loss(logits, frac)

@@ -6,6 +6,8 @@
   -> 11 rounds of prompt encoder + mask decoder (``prompt_rounds``)  -> per round, per mask losses
   -> loss = mean over rounds of the mean over valid masks of
             20 * focal + dice (best allowed output) + IoU-head MSE
+            (+ ``grouping_loss_weight`` x ``losses.grouping_loss`` of the image embedding, off
+            in the paper's recipes)
   -> gradients of the trainable parameters only -> optax update (AdamW, layer decay, schedule)
 
 The state is a dict of pytrees, the unit of sharding, donation and checkpointing:
@@ -28,7 +30,7 @@ import optax
 from flax import nnx
 
 from sam_jax.modeling.config import PIXEL_MEAN, PIXEL_STD
-from sam_jax.training import prompt_rounds
+from sam_jax.training import losses, prompt_rounds
 
 State = dict[str, Any]
 
@@ -59,7 +61,8 @@ def prepare_images(images: jax.Array) -> jax.Array:
 
 def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
                    config: ml_collections.ConfigDict, *, train: bool) -> dict[str, jax.Array]:
-  """The encoder once per image, then the prompt rounds over every mask: (R, N) terms."""
+  """The encoder once per image, then the prompt rounds over every mask: (R, N) terms, and in
+  training with ``config.grouping_loss_weight`` the (N,) 'grouping' loss of each mask."""
   cfg = model.config
   k_encoder, k_rounds = jax.random.split(key)
   encoder_trainable = config.trainable == 'all'
@@ -69,6 +72,8 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
   if not (train and encoder_trainable):
     emb = jax.lax.stop_gradient(emb)
   b, m = batch['mask_valid'].shape
+  grouping = (losses.grouping_loss(emb, batch['masks']).reshape(b * m)
+              if train and encoder_trainable and config.grouping_loss_weight else None)
   emb = jnp.repeat(emb, m, axis=0)  # (B * M, g, g, C): image i's embedding for each of its masks
   image_pe = model.prompt_encoder.get_dense_pe()
   rate = config.decoder_dropout if train else 0.0
@@ -79,12 +84,15 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
 
   low = cfg.low_res_size
   region = jnp.repeat(prompt_rounds.image_region(batch['input_size'], low, cfg.image_size), m, 0)
-  return prompt_rounds.simulate(
+  out = prompt_rounds.simulate(
       decode, k_rounds, batch['prompt_coords'].reshape(b * m, 2, 2),
       batch['prompt_labels'].reshape(b * m, 2), batch['masks'].reshape(b * m, low, low), region,
       image_size=cfg.image_size, num_rounds=config.num_rounds if train else config.eval_rounds,
       loss_weights=dict(config.loss), remat=config.round_remat and train,
       every_round_adds_point=not train)
+  if grouping is not None:
+    out['grouping'] = grouping
+  return out
 
 
 def split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -115,7 +123,11 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
     out = forward_rounds(model, batch, key, config, train=True)
     w = batch['mask_valid'].reshape(-1).astype(jnp.float32)
     per_round = {t: (out[t] * w).sum(-1) / denominator for t in ROUND_TERMS}  # (R,) each
-    return per_round['loss'].mean(), per_round
+    loss, extra = per_round['loss'].mean(), {}
+    if 'grouping' in out:
+      extra['grouping_loss'] = (out['grouping'] * w).sum() / denominator
+      loss = loss + config.grouping_loss_weight * extra['grouping_loss']
+    return loss, (per_round, extra)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -144,7 +156,7 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
   def train_step(state: State, batch: dict[str, jax.Array]) -> tuple[State, dict]:
     step = state['step']
     key = jax.random.fold_in(state['rng'], step)
-    (loss, per_round), grads = gradients(state['params'], state['frozen'], batch, key)
+    (loss, (per_round, extra)), grads = gradients(state['params'], state['frozen'], batch, key)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     grad_norm = optax.global_norm(grads)
@@ -161,7 +173,7 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
         'update_norm': optax.global_norm(updates), 'param_norm': optax.global_norm(params),
         'learning_rate': schedule(step // accum),
         'masks': batch['mask_valid'].sum(), 'images': (batch['image_id'] >= 0).sum(),
-        **{f'round/{name}': v for name, v in per_round.items()},
+        **{f'round/{name}': v for name, v in per_round.items()}, **extra,
     }
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
