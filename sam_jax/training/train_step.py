@@ -117,6 +117,9 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
   valid masks of the whole batch, so the sum is the full batch's loss; with a deterministic
   forward (no dropout / drop path, one round) the update equals the k = 1 step's."""
   k = config.get('microbatches', 1)
+  if config.grouping_loss_weight and config.trainable != 'all':
+    raise ValueError(f'config.grouping_loss_weight {config.grouping_loss_weight} trains the image '
+                     f'encoder, which config.trainable={config.trainable!r} freezes: set it to 0')
 
   def loss_fn(params, frozen, batch, key, denominator):
     model = nnx.merge(graphdef, params, frozen)
