@@ -351,7 +351,3 @@ def test_grouping_loss_enters_the_train_step():
   np.testing.assert_allclose(float(metrics['grouping_loss']), expected, rtol=1e-4)
   rounds = float(np.mean(np.asarray(metrics['round/loss'])))
   np.testing.assert_allclose(float(metrics['loss']), rounds + 2.5 * expected, rtol=1e-5)
-
-  config.trainable = 'decoder'  # a frozen encoder cannot learn from it: said at setup
-  with pytest.raises(ValueError, match='grouping_loss_weight 2.5 trains the image encoder'):
-    train_step.make_train_step(graphdef, config, tx, optax.constant_schedule(0.0))

@@ -21,6 +21,7 @@ The state is a dict of pytrees, the unit of sharding, donation and checkpointing
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import jax
@@ -118,8 +119,9 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
   forward (no dropout / drop path, one round) the update equals the k = 1 step's."""
   k = config.get('microbatches', 1)
   if config.grouping_loss_weight and config.trainable != 'all':
-    raise ValueError(f'config.grouping_loss_weight {config.grouping_loss_weight} trains the image '
-                     f'encoder, which config.trainable={config.trainable!r} freezes: set it to 0')
+    logging.getLogger('sam_jax.train').warning(
+        'config.grouping_loss_weight is ignored: it trains the image encoder, which '
+        'config.trainable=%r freezes', config.trainable)
 
   def loss_fn(params, frozen, batch, key, denominator):
     model = nnx.merge(graphdef, params, frozen)
