@@ -315,6 +315,7 @@ def test_grouping_loss_enters_the_train_step():
   import optax
   from flax import nnx
 
+  from bench.train_step import synthetic_batch
   from sam_jax.modeling.config import VARIANTS
   from sam_jax.modeling.sam import Sam
   from sam_jax.training import config as train_config, train_step
@@ -324,30 +325,19 @@ def test_grouping_loss_enters_the_train_step():
                 decoder_dropout=0.0, remat='none', round_remat=False, grouping_loss_weight=2.5)
   model = Sam(VARIANTS['vit_tiny'], rngs=nnx.Rngs(0))
   graphdef, params, frozen = train_step.split_model(model, 'all')
-  rng = np.random.default_rng(0)
-  b, m, s, low = 2, 3, 256, 64
-  masks = np.zeros((b, m, low, low), bool)
-  for i in range(b):
-    for j in range(m):
-      y, x = rng.integers(0, 48, 2)
-      masks[i, j, y:y + 16, x:x + 16] = True
-  valid = np.array([[True, True, False], [True, True, True]])
-  masks[0, 2] = False
-  batch = {
-      'image': rng.normal(size=(b, s, s, 3)).astype(np.float32),
-      'input_size': np.full((b, 2), s, np.int32), 'original_size': np.full((b, 2), s, np.int32),
-      'image_id': np.arange(b, dtype=np.int32), 'masks': masks, 'mask_valid': valid,
-      'prompt_coords': rng.uniform(0, s, (b, m, 2, 2)).astype(np.float32),
-      'prompt_labels': np.tile(np.array([1, -1], np.int32), (b, m, 1)),
-      'gt_boxes': np.zeros((b, m, 4), np.float32)}
+  spec = {'image': jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.uint8),
+          'masks': jax.ShapeDtypeStruct((2, 3, 64, 64), jnp.bool_)}
+  batch = synthetic_batch(spec, seed=0)  # one ellipse per mask slot
+  batch['mask_valid'][0, 2] = False     # an unused slot: left out of the mean
+  valid = batch['mask_valid']
   tx = optax.sgd(0.0)
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'frozen': frozen,
            'opt_state': tx.init(params), 'rng': jax.random.PRNGKey(0)}
   step = jax.jit(train_step.make_train_step(graphdef, config, tx, optax.constant_schedule(0.0)))
   _, metrics = step(state, batch)
 
-  emb = model.image_encoder(jnp.asarray(batch['image']))
-  expected = np.asarray(losses.grouping_loss(emb, jnp.asarray(masks)))[valid].mean()
+  emb = model.image_encoder(train_step.prepare_images(jnp.asarray(batch['image'])))
+  expected = np.asarray(losses.grouping_loss(emb, jnp.asarray(batch['masks'])))[valid].mean()
   np.testing.assert_allclose(float(metrics['grouping_loss']), expected, rtol=1e-4)
   rounds = float(np.mean(np.asarray(metrics['round/loss'])))
   np.testing.assert_allclose(float(metrics['loss']), rounds + 2.5 * expected, rtol=1e-5)

@@ -11,13 +11,18 @@ import jax
 import jax.numpy as jnp
 
 
+def _bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Elementwise binary cross-entropy of sigmoid(logits) against targets in [0, 1], stable."""
+  return jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+
+
 def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25,
                        gamma: float = 2.0) -> jax.Array:
   """(..., L, L) logits and {0, 1} targets -> (...) focal loss, mean over pixels (RetinaNet's)."""
   logits = logits.astype(jnp.float32)
   t = targets.astype(jnp.float32)
   p = jax.nn.sigmoid(logits)
-  ce = jnp.maximum(logits, 0) - logits * t + jnp.log1p(jnp.exp(-jnp.abs(logits)))  # BCE, stable
+  ce = _bce_with_logits(logits, t)
   p_t = p * t + (1 - p) * (1 - t)
   loss = ce * (1 - p_t) ** gamma
   if alpha >= 0:
@@ -88,5 +93,4 @@ def grouping_loss(embedding: jax.Array, masks: jax.Array, scale: float = 10.0) -
   e = unit(embedding.astype(jnp.float32))
   proto = unit(jnp.einsum('bmhw,bhwc->bmc', frac, e))
   logits = scale * (jnp.einsum('bhwc,bmc->bmhw', e, proto) - 0.5)  # (B, M, g, g)
-  bce = jnp.maximum(logits, 0) - logits * frac + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-  return bce.mean((-2, -1)) + dice_loss(logits, frac)
+  return _bce_with_logits(logits, frac).mean((-2, -1)) + dice_loss(logits, frac)
