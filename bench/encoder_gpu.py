@@ -14,7 +14,8 @@ one run, best of --repeats after a warm-up call, ``time.perf_counter`` around ``
   3. ours, fwd + bwd (loss: mean of the embedding) at batch 1 and 4 for each remat policy of
      ``image_encoder.REMAT_POLICIES``, bf16 with the attention 'auto' picks;
   4. our ``SamPredictor.predict`` (1 point, multimask) and ``SamAutomaticMaskGenerator.generate``
-     (vit_b, 32x32 points, 1200x1800), first call (compiles) and second call.
+     (vit_b, 32x32 points, 1200x1800) in two fresh processes sharing a new compilation cache
+     folder (the first compiles: cold; the second reads the cache: warm), first and second call.
 Each case prints ms per image, TFLOP/s from the analytic count (``encoder_flops``: the model's
 matmuls, windows padded as the model pads them; fwd + bwd counted as 3x forward, recomputation
 not counted), the fraction of the chip's bf16 peak where known, XLA's temporaries
@@ -228,7 +229,7 @@ def bench_official(torch_sam, cfg, args, budget, results, flops, device, outputs
     except Exception as e:  # noqa: BLE001
       compiled = None
       log(f'torch.compile unavailable: {e}')
-    for batch in args.batches:
+    for batch in args.compile_batches:
       info = dict(who='official', what='torch.compile bf16', batch=batch)
       if compiled is None:
         results.append(dict(info, skipped='torch.compile failed'))
@@ -345,7 +346,12 @@ def bench_ours(cfg, encoder_state, args, budget, results, flops, official_out, p
     return dict(rel_err_vs_official_f32=float(np.abs(y - reference).max() /
                                               np.abs(reference).max()))
 
-  for form in forms_for(platform, dtype):
+  forms = forms_for(platform, dtype)
+  if dtype == 'float32' and args.f32_forms:
+    forms = [f for f in args.f32_forms if f in forms]
+  elif dtype == 'bfloat16' and args.forms:
+    forms = [f for f in args.forms if f in forms]
+  for form in forms:
     graphdef = encoder_graphdef(cfg.replace(dtype=dtype, attention=form))
     encode = jax.jit(lambda s, x, g=graphdef: nnx.merge(g, s)(x))
     for batch in args.batches:
@@ -363,7 +369,7 @@ def bench_train(cfg, encoder_state, args, budget, results, flops):
   from sam_jax.modeling.image_encoder import REMAT_POLICIES
   graphdef = encoder_graphdef(cfg.replace(dtype='bfloat16', attention='auto'))
   x_all = jax.device_put(random_images(max(args.train_batches), cfg.image_size, seed=1))
-  for remat in REMAT_POLICIES:
+  for remat in args.remat or REMAT_POLICIES:
     def loss(state, x, remat=remat):
       return nnx.merge(graphdef, state)(x, remat=remat).astype(jnp.float32).mean()
 
@@ -374,27 +380,47 @@ def bench_train(cfg, encoder_state, args, budget, results, flops):
                                      3 * flops, args.repeats))
 
 
+GENERATE_WORKER = '''
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np
+from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
+from sam_jax.build_sam import build_sam
+name, side, h, w = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+generator = SamAutomaticMaskGenerator(build_sam(name, seed=0), points_per_side=side)
+image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+ready = time.perf_counter() - t0
+times = []
+for _ in range(2):
+  t = time.perf_counter()
+  masks = len(generator.generate(image))
+  times.append(time.perf_counter() - t)
+print(json.dumps(dict(first_call_s=times[0], second_call_s=times[1], ms_per_image=1e3 * times[1],
+                      masks=masks, process_ready_s=ready)))
+'''
+
+
 def bench_generator(args, budget, results):
-  """SamAutomaticMaskGenerator.generate: first call (compiles) and second call."""
-  import numpy as np
-
-  from sam_jax.automatic_mask_generator import SamAutomaticMaskGenerator
-  from sam_jax.build_sam import build_sam
+  """SamAutomaticMaskGenerator.generate in two fresh processes that share one new compilation cache
+  folder: the first compiles everything (cold cache), the second finds its programs in the cache
+  (warm), as a user's second session does. Each times its first and second call."""
+  import subprocess
+  import tempfile
   name, side = ('vit_tiny', 8) if args.smoke else ('vit_b', 32)
+  with tempfile.TemporaryDirectory() as cache:
+    env = dict(os.environ, SAM_JAX_COMPILATION_CACHE=cache, PYTHONPATH=os.pathsep.join(
+        [REPO] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p]))
 
-  def case():
-    generator = SamAutomaticMaskGenerator(build_sam(name, seed=0), points_per_side=side)
-    image = np.random.default_rng(0).integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8)
-    times = []
-    for _ in range(2):
-      t = time.perf_counter()
-      anns = generator.generate(image)
-      times.append(time.perf_counter() - t)
-    return dict(first_call_s=times[0], second_call_s=times[1], ms_per_image=1e3 * times[1],
-                masks=len(anns))
+    def case():
+      argv = [sys.executable, '-c', GENERATE_WORKER, name, str(side), *map(str, IMAGE_HW)]
+      out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+      if out.returncode:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'failed')
+      return json.loads(out.stdout.strip().splitlines()[-1])
 
-  run_case(results, budget, dict(who='ours', what=f'generate {name} {side}x{side} points',
-                                 batch=1), case)
+    for which in ('cold', 'warm'):
+      info = dict(who='ours', what=f'generate {name} {side}x{side}, {which} cache', batch=1)
+      run_case(results, budget, info, case)
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -407,6 +433,8 @@ def format_row(r: dict) -> str:
   fmt = lambda key, f, unit='': f'{r[key]:{f}}{unit}' if r.get(key) is not None else '-'
   mfu = f'{100 * r["mfu"]:.1f}%' if r.get('mfu') else '-'
   extra = []
+  if r.get('process_ready_s') is not None:
+    extra.append(f'imports + model {r["process_ready_s"]:.1f}s')
   if r.get('first_call_s') is not None:
     extra.append(f'first call {r["first_call_s"]:.1f}s')
   if r.get('second_call_s') is not None:
@@ -455,12 +483,23 @@ def main() -> None:
   ap.add_argument('--torch-compile', action=argparse.BooleanOptionalAction, default=None,
                   help='time torch.compile (default: on, off with --smoke)')
   ap.add_argument('--sections', default='official,ours,train,predict,generate,flops')
+  ap.add_argument('--batches', default=None, help='inference batch sizes (default 1,8)')
+  ap.add_argument('--compile-batches', default=None,
+                  help='batch sizes for torch.compile (default: --batches)')
+  ap.add_argument('--train-batches', default=None, help='fwd + bwd batch sizes (default 1,4)')
+  ap.add_argument('--forms', default=None, help='bf16 attention forms (default: all here)')
+  ap.add_argument('--f32-forms', default=None, help='f32 attention forms (default: all here)')
+  ap.add_argument('--remat', default=None, help='remat policies (default: all)')
   ap.add_argument('--out', default=os.path.join(REPO, 'bench', 'results', 'encoder_gpu.json'))
   args = ap.parse_args()
   args.model = args.model or ('vit_tiny' if args.smoke else 'vit_h')
   args.repeats = args.repeats or (2 if args.smoke else 5)
-  args.batches = (1, 2) if args.smoke else (1, 8)
-  args.train_batches = (2,) if args.smoke else (1, 4)
+  ints = lambda v, default: tuple(int(b) for b in v.split(',')) if v else default
+  names = lambda v: v.split(',') if v else None
+  args.batches = ints(args.batches, (1, 2) if args.smoke else (1, 8))
+  args.compile_batches = ints(args.compile_batches, args.batches)
+  args.train_batches = ints(args.train_batches, (2,) if args.smoke else (1, 4))
+  args.forms, args.f32_forms, args.remat = map(names, (args.forms, args.f32_forms, args.remat))
   args.torch_compile = (not args.smoke) if args.torch_compile is None else args.torch_compile
   sections = set(args.sections.split(','))
 
@@ -522,6 +561,9 @@ def main() -> None:
   if 'train' in sections:
     log('3. our encoder, fwd + bwd')
     bench_train(cfg, encoder_state, args, budget, r['cases'], flops['total'])
+  if 'generate' in sections:
+    log('4. generator, fresh processes')
+    bench_generator(args, budget, r['cases'])
   if official:
     log('1. official encoder, torch.compile')
     bench_official(torch_sam, cfg, args, budget, r['cases'], flops['total'], torch_device,
@@ -531,12 +573,10 @@ def main() -> None:
     bench_ours(cfg, encoder_state, args, budget, r['cases'], flops['total'], official_out,
                platform, 'float32')
   if 'predict' in sections:
-    log('4. predict, generator')
+    log('4. predict')
     from sam_jax.predictor import SamPredictor
     run_case(r['cases'], budget, dict(who='ours', what='predict 1 point (f32, auto)', batch=1),
              lambda: predict_case(SamPredictor(nnx.merge(graphdef, state)), args.predict_repeats))
-  if 'generate' in sections:
-    bench_generator(args, budget, r['cases'])
   if 'flops' in sections and (args.smoke or budget.left()):
     log('5. FLOP count check')
     r['flop_check'] = check_flops(cfg)

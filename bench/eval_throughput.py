@@ -17,7 +17,8 @@ the ratio ours/official (goal >= 3x), the share of the time spent encoding (time
 the two mIoUs differ at each click count (they run the same clicks: ~1e-6 in float32). Our compile
 is excluded (a warm-up pass over the images first, printed apart): a one-off per image size bucket
 and batch size. Ours and the official alternate image by image, so that load from elsewhere on the
-machine hits both alike.
+machine hits both alike. Where jax runs on a GPU and torch has CUDA, the official model runs on the
+card too (``--threads 0`` then leaves every CPU core to both).
 """
 from __future__ import annotations
 
@@ -42,11 +43,12 @@ def main():
   parser.add_argument('--model', default='vit_b')
   parser.add_argument('--images', type=int, default=4)
   parser.add_argument('--image-size', type=int, default=1024)
-  parser.add_argument('--threads', type=int, default=2)
+  parser.add_argument('--threads', type=int, default=2, help='CPU cores (0: all)')
   parser.add_argument('--out', default=os.path.join(REPO, 'bench', 'results',
                                                     'eval_throughput.json'))
   args = parser.parse_args()
   from encoder_cpu import restrict_threads
+  args.threads = args.threads or len(os.sched_getaffinity(0))
   threads_note = restrict_threads(args.threads)
 
   import numpy as np
@@ -76,6 +78,10 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     torch_sam = official_sam(VARIANTS[args.model], seed=1)
     ours = sam_model_registry[args.model](checkpoint=save_pth(torch_sam, f'{tmp}/m.pth'))
+  # On a GPU machine both run on the card: ours where jax puts it, the official on CUDA.
+  torch_device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
+  torch_sam.to(torch_device)
+  sync = torch.cuda.synchronize if torch_device == 'cuda' else (lambda: None)
   predictor, official = SamPredictor(ours), OfficialPredictor(torch_sam)
   protocol = single_point.Protocol(num_points=NUM_POINTS, first_points=('center',))
 
@@ -103,6 +109,7 @@ def main():
     t = time.perf_counter()
     with torch.no_grad():
       official.set_image(image)
+    sync()
     official_encode_s += time.perf_counter() - t
 
   masks = got
@@ -115,6 +122,7 @@ def main():
   result = dict(
       model=args.model, image_size=args.image_size, images=n, masks=n_masks, prompts=prompts,
       threads=args.threads, threads_note=threads_note, device=str(jax.devices()[0]),
+      official_device=torch_device,
       ours_s=ours_s, official_s=official_s, ours_compile_s=compile_s,
       ours_encode_s=ours_encode_s, official_encode_s=official_encode_s,
       ours_images_per_s=n / ours_s, official_images_per_s=n / official_s,
@@ -125,7 +133,8 @@ def main():
       max_abs_miou_diff=float(np.abs(miou_ours - miou_official).max()))
 
   print(f'\nsingle point protocol, {args.model} at {args.image_size}, {n} images, {n_masks} masks, '
-        f'{prompts} prompts ({NUM_POINTS} clicks), {args.threads} threads, {result["device"]}')
+        f'{prompts} prompts ({NUM_POINTS} clicks), {threads_note}; ours on {result["device"]}, '
+        f'official on {torch_device}')
   print(f'{"":26}{"ours":>12}{"official":>12}{"ours/official":>15}')
   print(f'{"images/s":26}{n / ours_s:12.3f}{n / official_s:12.3f}{result["ratio"]:14.2f}x')
   print(f'{"prompts/s":26}{prompts / ours_s:12.1f}{prompts / official_s:12.1f}'
