@@ -21,7 +21,7 @@ IoU is measured at the original image resolution against the ground-truth mask (
 Distance transforms are exact Euclidean (scipy), computed on the error region's bounding box
 padded by one zero pixel: every zero pixel of the whole image is at least as far as the nearest one
 of that ring, so the values, and the argmax (the first maximum in row-major order), are the whole
-image's.
+image's. An image's masks get their clicks in parallel, on a thread each (scipy releases the GIL).
 
 A dataset's usable masks are those of the input pipeline's checks (valid RLE of the image's size,
 not empty, not a crowd region; no area limit); a dataset with more than ``max_masks`` of them is
@@ -33,7 +33,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 import jax
@@ -43,7 +45,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from sam_jax.data import preprocess, prompts
+from sam_jax.data import preprocess
 from sam_jax.data.config import InputConfig
 from sam_jax.predictor import bucket
 
@@ -102,6 +104,19 @@ def farthest_pixel(region: np.ndarray) -> tuple[float, tuple[int, int] | None]:
   return float(dist[y, x]), (int(y0 + y), int(x0 + x))
 
 
+def center_points(gt: np.ndarray, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+  """(k, h, w) bool, non-empty masks -> (k, 2) float32 [x, y]: each mask's pixel farthest from its
+  boundary, the pixel ``prompts.center_points`` gives, through ``farthest_pixel`` on ``pool``."""
+  yx = [p for _, p in _map(pool, farthest_pixel, gt)]
+  return np.array(yx, np.float32).reshape(-1, 2)[:, ::-1].copy()
+
+
+def _map(pool: ThreadPoolExecutor | None, fn, items) -> list:
+  """``fn`` over ``items`` in order, on ``pool``'s threads if any (scipy's distance transform and
+  numpy's mask arithmetic release the GIL, so an image's masks are worked on in parallel)."""
+  return list(pool.map(fn, items)) if pool else [fn(x) for x in items]
+
+
 def next_click(gt: np.ndarray, pred: np.ndarray) -> tuple[int, int, int] | None:
   """(x, y, label) of the next corrective click, or None when ``pred`` equals ``gt``."""
   fn_dist, fn_yx = farthest_pixel(gt & ~pred)
@@ -153,23 +168,25 @@ class ClickResult:
 
 
 def run_clicks(predictor, gt: np.ndarray, first_points: np.ndarray, num_points: int = 9,
-               batch_size: int = 64, pad_to: int = 128) -> ClickResult:
+               batch_size: int = 64, pad_to: int = 128, pool: ThreadPoolExecutor | None = None
+               ) -> ClickResult:
   """The protocol for the masks ``gt`` (k, H, W) bool of the image set on ``predictor`` (a
   ``SamPredictor``), starting from ``first_points`` (k, 2) [x, y]; masks go through the decoder in
-  batches of ``batch_size``; ``pad_to``: ``SamPredictor.predict_jax``'s ``pad_masks_to``."""
+  batches of ``batch_size``; ``pad_to``: ``SamPredictor.predict_jax``'s ``pad_masks_to``; ``pool``:
+  threads for the next clicks' distance transforms."""
   k = len(gt)
   b = 1 << max(min(k, batch_size) - 1, 0).bit_length()  # every batch of the image padded to b
   out = ClickResult(np.zeros((k, num_points)), np.zeros(k),
                     np.zeros((k, num_points, 2), np.int64), np.full((k, num_points), -1, np.int64))
   for s in range(0, k, batch_size):
     e = min(k, s + batch_size)
-    _run_batch(predictor, gt[s:e], first_points[s:e], num_points, b, pad_to,
+    _run_batch(predictor, gt[s:e], first_points[s:e], num_points, b, pad_to, pool,
                ClickResult(out.ious[s:e], out.oracle_iou[s:e], out.points[s:e], out.labels[s:e]))
   return out
 
 
 def _run_batch(predictor, gt: np.ndarray, first_points: np.ndarray, num_points: int, b: int,
-               pad_to: int, out: ClickResult) -> None:
+               pad_to: int, pool: ThreadPoolExecutor | None, out: ClickResult) -> None:
   """``run_clicks`` for one decoder batch padded to ``b`` rows, written into ``out``'s views."""
   n, h, w = gt.shape
   prompt_len = bucket(num_points + 1)  # the clicks + the official "not a point" padding point
@@ -201,8 +218,8 @@ def _run_batch(predictor, gt: np.ndarray, first_points: np.ndarray, num_points: 
     if r + 1 == num_points:
       break
     pred = np.asarray(pred)[:, :h, :w]
-    for i in np.flatnonzero(~done):
-      click = next_click(gt[i], pred[i])
+    rows = np.flatnonzero(~done)
+    for i, click in zip(rows, _map(pool, lambda i: next_click(gt[i], pred[i]), rows)):
       if click is None:
         done[i] = True
       else:
@@ -334,48 +351,49 @@ def run_images(predictor, source: Sequence[dict[str, Any]], selected, protocol: 
   out = []
   num_masks, iou1_sum = 0, 0.0  # the first variant's, for the progress bar
   bar = tqdm(selected, desc=name, unit='img', disable=not progress, dynamic_ncols=True)
-  for i, chosen in bar:
-    skips.counts = dict.fromkeys(COUNTERS, 0)  # this image's
-    entry = {'record': int(i), 'counts': skips.counts, 'masks': {}}
-    out.append(entry)
-    try:
-      record = source[i]
-      table = mask_table(record)
-      counts = [c.encode() if isinstance(c, str) else bytes(c) for c in
-                (table['counts'][j] for j in chosen)]
-    except Exception as e:  # pylint: disable=broad-except  # read fine once: flaky storage
-      skips.skip('records_unreadable', i, f'{type(e).__name__}: {e}')
-      continue
-    try:
-      image = decode_image(record['image'])
-    except Exception as e:  # pylint: disable=broad-except  # e.g. a truncated JPEG
-      skips.skip('images_corrupt', i, f'image does not decode: {type(e).__name__}: {e}')
-      continue
-    hw = image.shape[:2]
-    gt = mask_utils.decode([{'size': list(hw), 'counts': c} for c in counts])  # (h, w, k)
-    gt = np.ascontiguousarray(gt.transpose(2, 0, 1).astype(bool))  # (k, h, w)
-    predictor.set_image(image)
-    for variant in protocol.first_points:
-      if variant == 'center':
-        first = prompts.center_points(counts, hw)
-      else:
-        first = random_points(gt, protocol.seed, i, chosen)
-      res = run_clicks(predictor, gt, first, protocol.num_points, protocol.batch_size,
-                       protocol.pad_to)
-      entry['masks'][variant] = [{
-          'record': int(i), 'image_id': int(record.get('image_id', -1)), 'mask': int(j),
-          'id': int(table['id'][j]) if 'id' in table else -1,
-          'first_point': [int(v) for v in res.points[m, 0]],
-          'clicks': [[int(x), int(y), int(lab)] for (x, y), lab in zip(res.points[m], res.labels[m])
-                     if lab >= 0],
-          'iou': res.ious[m].tolist(), 'oracle_iou': float(res.oracle_iou[m])}
-                                 for m, j in enumerate(chosen)]
-    predictor.reset_image()
-    skips.counts['images_ok'] += 1
-    first = entry['masks'][protocol.first_points[0]]
-    num_masks += len(first)
-    iou1_sum += sum(m['iou'][0] for m in first)
-    bar.set_postfix(masks=num_masks, miou1=f'{iou1_sum / num_masks:.3f}')
+  with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix='clicks') as pool:
+    for i, chosen in bar:
+      skips.counts = dict.fromkeys(COUNTERS, 0)  # this image's
+      entry = {'record': int(i), 'counts': skips.counts, 'masks': {}}
+      out.append(entry)
+      try:
+        record = source[i]
+        table = mask_table(record)
+        counts = [c.encode() if isinstance(c, str) else bytes(c) for c in
+                  (table['counts'][j] for j in chosen)]
+      except Exception as e:  # pylint: disable=broad-except  # read fine once: flaky storage
+        skips.skip('records_unreadable', i, f'{type(e).__name__}: {e}')
+        continue
+      try:
+        image = decode_image(record['image'])
+      except Exception as e:  # pylint: disable=broad-except  # e.g. a truncated JPEG
+        skips.skip('images_corrupt', i, f'image does not decode: {type(e).__name__}: {e}')
+        continue
+      hw = image.shape[:2]
+      gt = mask_utils.decode([{'size': list(hw), 'counts': c} for c in counts])  # (h, w, k)
+      gt = np.ascontiguousarray(gt.transpose(2, 0, 1).astype(bool))  # (k, h, w)
+      predictor.set_image(image)
+      for variant in protocol.first_points:
+        if variant == 'center':
+          first = center_points(gt, pool)
+        else:
+          first = random_points(gt, protocol.seed, i, chosen)
+        res = run_clicks(predictor, gt, first, protocol.num_points, protocol.batch_size,
+                         protocol.pad_to, pool)
+        entry['masks'][variant] = [{
+            'record': int(i), 'image_id': int(record.get('image_id', -1)), 'mask': int(j),
+            'id': int(table['id'][j]) if 'id' in table else -1,
+            'first_point': [int(v) for v in res.points[m, 0]],
+            'clicks': [[int(x), int(y), int(lab)]
+                       for (x, y), lab in zip(res.points[m], res.labels[m]) if lab >= 0],
+            'iou': res.ious[m].tolist(), 'oracle_iou': float(res.oracle_iou[m])}
+                                   for m, j in enumerate(chosen)]
+      predictor.reset_image()
+      skips.counts['images_ok'] += 1
+      first = entry['masks'][protocol.first_points[0]]
+      num_masks += len(first)
+      iou1_sum += sum(m['iou'][0] for m in first)
+      bar.set_postfix(masks=num_masks, miou1=f'{iou1_sum / num_masks:.3f}')
   bar.close()
   if skips.logged > MAX_LOGGED:
     log.warning('%s: %d skipped records in all (the first %d logged)', name, skips.logged,
