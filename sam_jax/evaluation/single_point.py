@@ -4,7 +4,8 @@ Every mask of an image is clicked up to ``num_points`` times; the image is encod
 clicks of all its masks go through the prompt encoder + decoder together, one batch on the device:
 
   click 1    at the mask's "center", the pixel farthest from its boundary (argmax of the distance
-             transform of the zero-padded mask: ``sam_jax.data.prompts.center_points``), or, for the
+             transform of the zero-padded mask: ``center_points``, the pixel the input pipeline's
+             ``sam_jax.data.prompts.center_points`` gives), or, for the
              'random' variant, a pixel drawn uniformly from the mask by a generator seeded with
              (seed, record index, mask index). Multimask output, as the official predictor gives for
              one point: the most confident of the 3 masks (highest predicted IoU) is scored and fed
