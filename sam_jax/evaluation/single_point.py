@@ -35,6 +35,7 @@ import dataclasses
 import io
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
@@ -110,6 +111,20 @@ def center_points(gt: np.ndarray, pool: ThreadPoolExecutor | None = None) -> np.
   boundary, the pixel ``prompts.center_points`` gives, through ``farthest_pixel`` on ``pool``."""
   yx = [p for _, p in _map(pool, farthest_pixel, gt)]
   return np.array(yx, np.float32).reshape(-1, 2)[:, ::-1].copy()
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def click_pool() -> ThreadPoolExecutor:
+  """The process's one pool of click threads (a thread per core), shared by the per-device threads
+  of ``parallel.run_split`` so that they do not each start one per core."""
+  global _POOL
+  with _POOL_LOCK:
+    if _POOL is None:
+      _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix='clicks')
+    return _POOL
 
 
 def _map(pool: ThreadPoolExecutor | None, fn, items) -> list:
@@ -352,49 +367,49 @@ def run_images(predictor, source: Sequence[dict[str, Any]], selected, protocol: 
   out = []
   num_masks, iou1_sum = 0, 0.0  # the first variant's, for the progress bar
   bar = tqdm(selected, desc=name, unit='img', disable=not progress, dynamic_ncols=True)
-  with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix='clicks') as pool:
-    for i, chosen in bar:
-      skips.counts = dict.fromkeys(COUNTERS, 0)  # this image's
-      entry = {'record': int(i), 'counts': skips.counts, 'masks': {}}
-      out.append(entry)
-      try:
-        record = source[i]
-        table = mask_table(record)
-        counts = [c.encode() if isinstance(c, str) else bytes(c) for c in
-                  (table['counts'][j] for j in chosen)]
-      except Exception as e:  # pylint: disable=broad-except  # read fine once: flaky storage
-        skips.skip('records_unreadable', i, f'{type(e).__name__}: {e}')
-        continue
-      try:
-        image = decode_image(record['image'])
-      except Exception as e:  # pylint: disable=broad-except  # e.g. a truncated JPEG
-        skips.skip('images_corrupt', i, f'image does not decode: {type(e).__name__}: {e}')
-        continue
-      hw = image.shape[:2]
-      gt = mask_utils.decode([{'size': list(hw), 'counts': c} for c in counts])  # (h, w, k)
-      gt = np.ascontiguousarray(gt.transpose(2, 0, 1).astype(bool))  # (k, h, w)
-      predictor.set_image(image)
-      for variant in protocol.first_points:
-        if variant == 'center':
-          first = center_points(gt, pool)
-        else:
-          first = random_points(gt, protocol.seed, i, chosen)
-        res = run_clicks(predictor, gt, first, protocol.num_points, protocol.batch_size,
-                         protocol.pad_to, pool)
-        entry['masks'][variant] = [{
-            'record': int(i), 'image_id': int(record.get('image_id', -1)), 'mask': int(j),
-            'id': int(table['id'][j]) if 'id' in table else -1,
-            'first_point': [int(v) for v in res.points[m, 0]],
-            'clicks': [[int(x), int(y), int(lab)]
-                       for (x, y), lab in zip(res.points[m], res.labels[m]) if lab >= 0],
-            'iou': res.ious[m].tolist(), 'oracle_iou': float(res.oracle_iou[m])}
-                                   for m, j in enumerate(chosen)]
-      predictor.reset_image()
-      skips.counts['images_ok'] += 1
-      first = entry['masks'][protocol.first_points[0]]
-      num_masks += len(first)
-      iou1_sum += sum(m['iou'][0] for m in first)
-      bar.set_postfix(masks=num_masks, miou1=f'{iou1_sum / num_masks:.3f}')
+  pool = click_pool()
+  for i, chosen in bar:
+    skips.counts = dict.fromkeys(COUNTERS, 0)  # this image's
+    entry = {'record': int(i), 'counts': skips.counts, 'masks': {}}
+    out.append(entry)
+    try:
+      record = source[i]
+      table = mask_table(record)
+      counts = [c.encode() if isinstance(c, str) else bytes(c) for c in
+                (table['counts'][j] for j in chosen)]
+    except Exception as e:  # pylint: disable=broad-except  # read fine once: flaky storage
+      skips.skip('records_unreadable', i, f'{type(e).__name__}: {e}')
+      continue
+    try:
+      image = decode_image(record['image'])
+    except Exception as e:  # pylint: disable=broad-except  # e.g. a truncated JPEG
+      skips.skip('images_corrupt', i, f'image does not decode: {type(e).__name__}: {e}')
+      continue
+    hw = image.shape[:2]
+    gt = mask_utils.decode([{'size': list(hw), 'counts': c} for c in counts])  # (h, w, k)
+    gt = np.ascontiguousarray(gt.transpose(2, 0, 1).astype(bool))  # (k, h, w)
+    predictor.set_image(image)
+    for variant in protocol.first_points:
+      if variant == 'center':
+        first = center_points(gt, pool)
+      else:
+        first = random_points(gt, protocol.seed, i, chosen)
+      res = run_clicks(predictor, gt, first, protocol.num_points, protocol.batch_size,
+                       protocol.pad_to, pool)
+      entry['masks'][variant] = [{
+          'record': int(i), 'image_id': int(record.get('image_id', -1)), 'mask': int(j),
+          'id': int(table['id'][j]) if 'id' in table else -1,
+          'first_point': [int(v) for v in res.points[m, 0]],
+          'clicks': [[int(x), int(y), int(lab)]
+                     for (x, y), lab in zip(res.points[m], res.labels[m]) if lab >= 0],
+          'iou': res.ious[m].tolist(), 'oracle_iou': float(res.oracle_iou[m])}
+                                 for m, j in enumerate(chosen)]
+    predictor.reset_image()
+    skips.counts['images_ok'] += 1
+    first = entry['masks'][protocol.first_points[0]]
+    num_masks += len(first)
+    iou1_sum += sum(m['iou'][0] for m in first)
+    bar.set_postfix(masks=num_masks, miou1=f'{iou1_sum / num_masks:.3f}')
   bar.close()
   if skips.logged > MAX_LOGGED:
     log.warning('%s: %d skipped records in all (the first %d logged)', name, skips.logged,
