@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from sam_jax import SamPredictor, sam_model_registry
+from sam_jax.data import prompts
 from sam_jax.visualize import overlay, save_overlay
 
 PHOTOS = ('astronaut', 'coffee', 'chelsea', 'rocket')
@@ -56,14 +57,6 @@ def held_out_shapes(count: int, data_dir: str | None, max_objects: int = 4
   return out
 
 
-def centre_point(mask: np.ndarray) -> np.ndarray:
-  """[x, y] of the pixel farthest from the mask's boundary."""
-  from scipy.ndimage import distance_transform_edt
-  dist = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-  y, x = np.unravel_index(np.argmax(dist), dist.shape)
-  return np.array([x, y], np.float32)
-
-
 def iou(a: np.ndarray, b: np.ndarray) -> float:
   union = np.logical_or(a, b).sum()
   return float(np.logical_and(a, b).sum() / union) if union else 1.0
@@ -91,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
   for i, (image, masks) in enumerate(tqdm(held_out_shapes(args.num_shapes, args.data_dir),
                                           desc='held-out shapes')):
     predictor.set_image(image)
-    points = np.stack([centre_point(m) for m in masks])
+    points = np.array([prompts.center_point(m) for m in masks], np.float32)
     predicted = []
     for point, gt in zip(points, masks):
       pred, scores, _ = predictor.predict(point_coords=point[None], point_labels=np.array([1]))

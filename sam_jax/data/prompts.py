@@ -42,17 +42,37 @@ def noisy_boxes(boxes: np.ndarray, rng: np.random.Generator, input_hw: tuple[int
   return np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
 
 
+def farthest_pixel(region: np.ndarray) -> tuple[float, tuple[int, int] | None]:
+  """(h, w) bool -> (distance to the region's boundary, (y, x)) of its farthest pixel; the image
+  border counts as boundary. (0.0, None) for an empty region.
+
+  Exact Euclidean (scipy) on the region's bounding box padded by one zero pixel: every zero pixel of
+  the whole image is at least as far as the nearest one of that ring, so the values, and the argmax
+  (the first maximum in row-major order), are the whole image's."""
+  rows = np.flatnonzero(region.any(axis=1))
+  if not rows.size:
+    return 0.0, None
+  cols = np.flatnonzero(region.any(axis=0))
+  y0, x0 = rows[0], cols[0]
+  crop = np.pad(region[y0:rows[-1] + 1, x0:cols[-1] + 1], 1)  # the bbox + a zero ring
+  dist = ndimage.distance_transform_edt(crop)[1:-1, 1:-1]
+  y, x = np.unravel_index(np.argmax(dist), dist.shape)
+  return float(dist[y, x]), (int(y0 + y), int(x0 + x))
+
+
+def center_point(mask: np.ndarray) -> tuple[int, int]:
+  """(h, w) bool, not empty -> (x, y): the pixel farthest from the mask's boundary (the image border
+  counts as boundary), the paper's "center" click for single-point evaluation."""
+  _, (y, x) = farthest_pixel(mask)
+  return x, y
+
+
 def center_points(counts: list[bytes], hw: tuple[int, int]) -> np.ndarray:
-  """COCO compressed RLE strings of k masks of an (h, w) image -> (k, 2) float32 [x, y]: the pixel
-  farthest from the mask's boundary (the image border counts as boundary), the paper's "center"
-  click for single-point evaluation."""
+  """COCO compressed RLE strings of k masks of an (h, w) image -> (k, 2) float32 [x, y]: each
+  mask's ``center_point``."""
   dense = mask_utils.decode([{'size': list(hw), 'counts': c} for c in counts])  # (h, w, k)
-  out = np.zeros((dense.shape[-1], 2), np.float32)
-  for i in range(dense.shape[-1]):
-    dist = ndimage.distance_transform_edt(np.pad(dense[..., i], 1))[1:-1, 1:-1]  # (h, w)
-    y, x = np.unravel_index(np.argmax(dist), dist.shape)
-    out[i] = x, y
-  return out
+  return np.array([center_point(dense[..., i]) for i in range(dense.shape[-1])],
+                  np.float32).reshape(-1, 2)
 
 
 def first_prompts(points: np.ndarray, boxes: np.ndarray, rng: np.random.Generator,

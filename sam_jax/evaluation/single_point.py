@@ -4,8 +4,7 @@ Every mask of an image is clicked up to ``num_points`` times; the image is encod
 clicks of all its masks go through the prompt encoder + decoder together, one batch on the device:
 
   click 1    at the mask's "center", the pixel farthest from its boundary (argmax of the distance
-             transform of the zero-padded mask: ``center_points``, the pixel the input pipeline's
-             ``sam_jax.data.prompts.center_points`` gives), or, for the
+             transform of the zero-padded mask: ``sam_jax.data.prompts.center_point``), or, for the
              'random' variant, a pixel drawn uniformly from the mask by a generator seeded with
              (seed, record index, mask index). Multimask output, as the official predictor gives for
              one point: the most confident of the 3 masks (highest predicted IoU) is scored and fed
@@ -19,10 +18,9 @@ clicks of all its masks go through the prompt encoder + decoder together, one ba
              mask predicted exactly (no error pixel left) is done and keeps IoU 1.
 
 IoU is measured at the original image resolution against the ground-truth mask (on the device).
-Distance transforms are exact Euclidean (scipy), computed on the error region's bounding box
-padded by one zero pixel: every zero pixel of the whole image is at least as far as the nearest one
-of that ring, so the values, and the argmax (the first maximum in row-major order), are the whole
-image's. An image's masks get their clicks in parallel, on a thread each (scipy releases the GIL).
+Distance transforms are exact Euclidean (``sam_jax.data.prompts.farthest_pixel``: scipy on the
+region's bounding box). An image's masks get their clicks in parallel, on a thread each (scipy
+releases the GIL).
 
 A dataset's usable masks are those of the input pipeline's checks (valid RLE of the image's size,
 not empty, not a crowd region; no area limit); a dataset with more than ``max_masks`` of them is
@@ -45,9 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
-from scipy import ndimage
 
-from sam_jax.data import preprocess
+from sam_jax.data import preprocess, prompts
 from sam_jax.data.config import InputConfig
 from sam_jax.predictor import bucket
 
@@ -92,27 +89,6 @@ class Protocol:
 # ---------------------------------------------------------------------------------------------
 # Clicks.
 
-def farthest_pixel(region: np.ndarray) -> tuple[float, tuple[int, int] | None]:
-  """(h, w) bool -> (distance to the region's boundary, (y, x)) of its farthest pixel; the image
-  border counts as boundary. (0.0, None) for an empty region."""
-  rows = np.flatnonzero(region.any(axis=1))
-  if not rows.size:
-    return 0.0, None
-  cols = np.flatnonzero(region.any(axis=0))
-  y0, x0 = rows[0], cols[0]
-  crop = np.pad(region[y0:rows[-1] + 1, x0:cols[-1] + 1], 1)  # the bbox + a zero ring
-  dist = ndimage.distance_transform_edt(crop)[1:-1, 1:-1]
-  y, x = np.unravel_index(np.argmax(dist), dist.shape)
-  return float(dist[y, x]), (int(y0 + y), int(x0 + x))
-
-
-def center_points(gt: np.ndarray, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-  """(k, h, w) bool, non-empty masks -> (k, 2) float32 [x, y]: each mask's pixel farthest from its
-  boundary, the pixel ``prompts.center_points`` gives, through ``farthest_pixel`` on ``pool``."""
-  yx = [p for _, p in _map(pool, farthest_pixel, gt)]
-  return np.array(yx, np.float32).reshape(-1, 2)[:, ::-1].copy()
-
-
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
@@ -135,8 +111,8 @@ def _map(pool: ThreadPoolExecutor | None, fn, items) -> list:
 
 def next_click(gt: np.ndarray, pred: np.ndarray) -> tuple[int, int, int] | None:
   """(x, y, label) of the next corrective click, or None when ``pred`` equals ``gt``."""
-  fn_dist, fn_yx = farthest_pixel(gt & ~pred)
-  fp_dist, fp_yx = farthest_pixel(pred & ~gt)
+  fn_dist, fn_yx = prompts.farthest_pixel(gt & ~pred)
+  fp_dist, fp_yx = prompts.farthest_pixel(pred & ~gt)
   if fn_yx is None and fp_yx is None:
     return None
   if fn_dist > fp_dist:
@@ -391,7 +367,7 @@ def run_images(predictor, source: Sequence[dict[str, Any]], selected, protocol: 
     predictor.set_image(image)
     for variant in protocol.first_points:
       if variant == 'center':
-        first = center_points(gt, pool)
+        first = np.array(_map(pool, prompts.center_point, gt), np.float32).reshape(-1, 2)
       else:
         first = random_points(gt, protocol.seed, i, chosen)
       res = run_clicks(predictor, gt, first, protocol.num_points, protocol.batch_size,
