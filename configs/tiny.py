@@ -1,4 +1,4 @@
-"""vit_tiny from scratch on the built-in synthetic shapes, sized for ~12 minutes on a 2-core CPU.
+"""vit_tiny from scratch on the built-in synthetic shapes: 1800 steps, 10-18 min on a 2-core CPU.
 
   python train.py --config=configs/tiny.py --workdir=out/tiny
   python train.py --config=configs/tiny.py:smoke --workdir=/tmp/smoke   # a few steps, for tests
@@ -14,7 +14,7 @@ def get_config(arg: str = ''):
   c.model_dtype = 'float32'         # the CPU has no fast bf16 matmuls through XLA
   c.data.dataset = 'synthetic_shapes'
   c.data.image_size = 256
-  # Sized for ~12 minutes on 2 CPU cores: the decoder over every mask and round dominates the step
+  # Sized for the 2 CPU cores: the decoder over every mask and round dominates the step
   # (bench/train_step.py), so fewer masks and 2 rounds (the first prompt, then one point from the
   # error region with the first round's mask fed back) instead of the recipe's 11.
   c.data.batch_size = 4

@@ -142,6 +142,7 @@ def test_hf_directory_loads_into_our_model(tmp_path):
       prompt_encoder_config=dict(hidden_size=cfg.prompt_embed_dim, image_size=cfg.image_size,
                                  mask_input_channels=cfg.mask_in_chans),
       mask_decoder_config=dict(hidden_size=cfg.prompt_embed_dim, mlp_dim=cfg.decoder_mlp_dim,
+                               num_attention_heads=cfg.decoder_num_heads,
                                iou_head_hidden_dim=cfg.iou_head_hidden_dim))
   model = SamModel(hf_cfg)
   _randomise(model)

@@ -108,9 +108,11 @@ VARIANTS: dict[str, SamConfig] = {
     'vit_l': SamConfig(1024, 24, 16, (5, 11, 17, 23)),
     'vit_b': SamConfig(768, 12, 12, (2, 5, 8, 11)),
     # Small, for tests, the CPU demo and CPU training: 256 px input, 16x16 tokens, window 7 (so the
-    # windowed blocks pad 16 -> 21 like the official 64 -> 70), a narrower decoder.
+    # windowed blocks pad 16 -> 21 like the official 64 -> 70), a narrower decoder with the
+    # official head width (2 heads of 32 / 16 dims in self- / cross-attention, as 8 of 256 / 128):
+    # 8 heads of 4 dims left the click's position lookup too blunt to learn quickly (README).
     'vit_tiny': SamConfig(96, 4, 3, (1, 3), image_size=256, window_size=7, prompt_embed_dim=64,
-                          decoder_mlp_dim=256, iou_head_hidden_dim=64),
+                          decoder_num_heads=2, decoder_mlp_dim=256, iou_head_hidden_dim=64),
 }
 VARIANTS['default'] = VARIANTS['vit_h']
 
