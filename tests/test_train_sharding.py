@@ -1,10 +1,11 @@
 """The train step on 8 CPU devices gives the single-device result, whatever the mesh.
 
-Three steps of ``loop.setup(config, mesh).jitted_step()`` on the same three batches, for the meshes
-(data, fsdp, tensor) = (1, 1, 1) on one device, (8, 1, 1), (2, 4, 1) and (2, 2, 2): the losses of
-every step and the final parameters match the single-device run. Not bitwise: the sharded step
-sums over the batch, the gradients (all-reduce / reduce-scatter across devices) and the
-tensor-split contractions in another order than one device does, so float32 rounding differs.
+Three steps of ``loop.setup(config, mesh).lower_step().compile()`` (what train.py runs) on the
+same three batches, for the meshes (data, fsdp, tensor) = (1, 1, 1) on one device, (8, 1, 1),
+(2, 4, 1) and (2, 2, 2): the losses of every step and the final parameters match the
+single-device run. Not bitwise: the sharded step sums over the batch, the gradients (all-reduce /
+reduce-scatter across devices) and the tensor-split contractions in another order than one device
+does, so float32 rounding differs.
 Also checks that the parameters really are split over ``fsdp`` / ``tensor``.
 
 Runs in one subprocess with 8 fake CPU devices: the device count is fixed when jax starts.
