@@ -1,6 +1,7 @@
 """Loading the four checkpoint forms, and clear errors for checkpoints that do not fit."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -154,9 +155,25 @@ def test_hf_directory_loads_into_our_model(tmp_path):
   back = official.to_official(nnx.state(sam), sam.config)
   for k in expected:
     np.testing.assert_array_equal(back[k], expected[k], err_msg=k)
+  from sam_jax.build_sam import build_sam
+  deeper = cfg.replace(encoder_depth=6, encoder_global_attn_indexes=(2, 5))
+  # Without config.json, the tensors' shapes say which size the checkpoint is.
+  alone = tmp_path / 'alone'
+  alone.mkdir()
+  shutil.copy(tmp_path / hf.WEIGHTS_NAME, alone)
   with pytest.raises(CheckpointError, match='looks like vit_tiny'):
-    from sam_jax.build_sam import build_sam
-    build_sam(cfg.replace(encoder_depth=6, encoder_global_attn_indexes=(2, 5)), tmp_path)
+    build_sam(deeper, alone)
+  # With it (in the directory, or beside the file), every field that differs is named: the head
+  # counts too, which show in no tensor's shape.
+  with pytest.raises(CheckpointError, match='num_hidden_layers = 4, the model has encoder_depth'):
+    build_sam(deeper, tmp_path)
+  for heads in (dict(decoder_num_heads=4), dict(encoder_num_heads=1, decoder_num_heads=8)):
+    for checkpoint in (tmp_path, tmp_path / hf.WEIGHTS_NAME):
+      with pytest.raises(CheckpointError, match='config.json describes another model') as e:
+        build_sam(cfg.replace(**heads), checkpoint)
+      assert str(e.value).count('num_attention_heads') == len(heads)
+      for field, value in heads.items():
+        assert f'the model has {field} = {value}' in str(e.value)
 
 
 def test_every_parameter_has_logical_axes():

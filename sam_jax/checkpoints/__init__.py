@@ -57,6 +57,11 @@ def load_state(path: str | os.PathLike, cfg: SamConfig, abstract_state: nnx.Stat
   if orbax_io.is_orbax_checkpoint(path):  # restored as numpy: onto the device once, here, or
     # every jitted call would copy the parameters again
     return jax.tree.map(jnp.asarray, orbax_io.load(path, cfg, abstract_state))
+  if path.suffix == '.safetensors' or path.is_dir():
+    from sam_jax.checkpoints import hf
+    if mismatches := hf.config_mismatches(path, cfg):
+      raise CheckpointError(f'{path}: its {hf.CONFIG_NAME} describes another model: '
+                            + '; '.join(mismatches))
   flat = official.check_and_convert(read_state_dict(path), cfg, abstract_state)
   state = jax_tree_copy(abstract_state)
   for p, var in nnx.to_flat_state(state):

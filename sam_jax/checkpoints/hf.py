@@ -42,6 +42,7 @@ import safetensors
 import safetensors.numpy
 
 WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
 INDEX_NAME = 'model.safetensors.index.json'
 
 SHARED_PE = 'shared_image_embedding.positional_embedding'
@@ -107,6 +108,49 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if path.name.endswith('.json'):
     return _read_index(path)
   return _read_file(path)
+
+
+# transformers' SamConfig (sub-config, field) -> our SamConfig field. Head counts show in no tensor's
+# shape, so only config.json can tell a checkpoint's from the variant's.
+CONFIG_FIELDS = (
+    ('vision_config', 'hidden_size', 'encoder_embed_dim'),
+    ('vision_config', 'num_hidden_layers', 'encoder_depth'),
+    ('vision_config', 'num_attention_heads', 'encoder_num_heads'),
+    ('vision_config', 'global_attn_indexes', 'encoder_global_attn_indexes'),
+    ('vision_config', 'image_size', 'image_size'),
+    ('vision_config', 'patch_size', 'patch_size'),
+    ('vision_config', 'window_size', 'window_size'),
+    ('vision_config', 'mlp_ratio', 'mlp_ratio'),
+    ('vision_config', 'output_channels', 'prompt_embed_dim'),
+    ('prompt_encoder_config', 'mask_input_channels', 'mask_in_chans'),
+    ('mask_decoder_config', 'num_hidden_layers', 'decoder_depth'),
+    ('mask_decoder_config', 'num_attention_heads', 'decoder_num_heads'),
+    ('mask_decoder_config', 'mlp_dim', 'decoder_mlp_dim'),
+    ('mask_decoder_config', 'num_multimask_outputs', 'num_multimask_outputs'),
+    ('mask_decoder_config', 'iou_head_depth', 'iou_head_depth'),
+    ('mask_decoder_config', 'iou_head_hidden_dim', 'iou_head_hidden_dim'),
+)
+
+
+def config_mismatches(path: str | os.PathLike, cfg) -> list[str]:
+  """Where the ``config.json`` beside a safetensors checkpoint (in its directory) describes
+  another architecture than ``cfg``: one line per field; [] when it agrees or there is none.
+  Fields the file leaves out are not compared."""
+  path = Path(path)
+  file = (path if path.is_dir() else path.parent) / CONFIG_NAME
+  if not file.is_file():
+    return []
+  try:
+    hf_config = json.loads(file.read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{file}: not a readable JSON config ({e})') from e
+  as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # JSON has no tuples
+  lines = []
+  for sub, field, ours in CONFIG_FIELDS:
+    value, expected = (hf_config.get(sub) or {}).get(field), getattr(cfg, ours)
+    if value is not None and as_list(value) != as_list(expected):
+      lines.append(f'{sub}.{field} = {value}, the model has {ours} = {expected}')
+  return lines
 
 
 def is_hf_state_dict(tensors: Mapping[str, object]) -> bool:
