@@ -110,8 +110,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return _read_file(path)
 
 
-# transformers' SamConfig (sub-config, field) -> our SamConfig field. Head counts show in no tensor's
-# shape, so only config.json can tell a checkpoint's from the variant's.
+# transformers' SamConfig (sub-config, field) -> our SamConfig field. Head counts show in no
+# tensor's shape, so only config.json can tell a checkpoint's from the variant's.
 CONFIG_FIELDS = (
     ('vision_config', 'hidden_size', 'encoder_embed_dim'),
     ('vision_config', 'num_hidden_layers', 'encoder_depth'),
