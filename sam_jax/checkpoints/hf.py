@@ -144,10 +144,14 @@ def config_mismatches(path: str | os.PathLike, cfg) -> list[str]:
     hf_config = json.loads(file.read_text())
   except (OSError, ValueError) as e:
     raise ValueError(f'{file}: not a readable JSON config ({e})') from e
+  if not isinstance(hf_config, dict):
+    return []
   as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # JSON has no tuples
   lines = []
   for sub, field, ours in CONFIG_FIELDS:
-    value, expected = (hf_config.get(sub) or {}).get(field), getattr(cfg, ours)
+    section = hf_config.get(sub)
+    value = section.get(field) if isinstance(section, dict) else None
+    expected = getattr(cfg, ours)
     if value is not None and as_list(value) != as_list(expected):
       lines.append(f'{sub}.{field} = {value}, the model has {ours} = {expected}')
   return lines
