@@ -77,17 +77,17 @@ def check_train_step_sharded(data_dir: str) -> None:
   batches = [next(pipe) for _ in range(NUM_STEPS)]
   pipe.close()
 
-  # Each mesh's step is lowered here and compiled in a pool of 2 threads (XLA compiles on one
-  # core and releases the GIL) while this thread lowers the next one and initialises the states.
+  # Each mesh's step is lowered here and compiled in a pool of 2 threads (XLA's compile releases
+  # the GIL) while this thread lowers the next one and initialises the states.
   t0 = time.perf_counter()
-  runs, pool = [], ThreadPoolExecutor(2)
-  for shape in MESHES:
-    t = loop.setup(config, make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))]))
-    runs.append((shape, t, pool.submit(t.lower_step().compile)))
-  states = [t.init_state() for _, t, _ in runs]
+  runs = []
+  with ThreadPoolExecutor(2) as pool:
+    for shape in MESHES:
+      t = loop.setup(config, make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))]))
+      runs.append((shape, t, pool.submit(t.lower_step().compile)))
+    states = [t.init_state() for _, t, _ in runs]
+    steps = [compiled.result() for _, _, compiled in runs]
   init_params = [np.asarray(x) for x in jax.tree.leaves(states[0]['params'])]
-  steps = [compiled.result() for _, _, compiled in runs]
-  pool.shutdown()
   print(f'4 meshes set up and compiled in {time.perf_counter() - t0:.0f} s', flush=True)
 
   results = {}

@@ -36,10 +36,14 @@ def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return {k: v.detach().to(torch.float32).numpy() for k, v in sd.items()}
 
 
-def read_state_dict(path: Path) -> dict[str, np.ndarray]:
-  """Official-format tensors from a .pth file or a Hugging Face safetensors file / directory."""
+def read_state_dict(path: Path, cfg: SamConfig) -> dict[str, np.ndarray]:
+  """Official-format tensors from a .pth file or a Hugging Face safetensors file / directory (whose
+  config.json, if any, must describe ``cfg``'s architecture)."""
   if path.suffix == '.safetensors' or path.is_dir():
     from sam_jax.checkpoints import hf
+    if mismatches := hf.config_mismatches(path, cfg):
+      raise CheckpointError(f'{path}: its {hf.CONFIG_NAME} describes another model: '
+                            + '; '.join(mismatches))
     tensors = hf.read_safetensors(path)
     return hf.hf_to_official(tensors) if hf.is_hf_state_dict(tensors) else tensors
   if path.suffix in ('.pth', '.pt', '.bin', '.ckpt'):
@@ -57,12 +61,7 @@ def load_state(path: str | os.PathLike, cfg: SamConfig, abstract_state: nnx.Stat
   if orbax_io.is_orbax_checkpoint(path):  # restored as numpy: onto the device once, here, or
     # every jitted call would copy the parameters again
     return jax.tree.map(jnp.asarray, orbax_io.load(path, cfg, abstract_state))
-  if path.suffix == '.safetensors' or path.is_dir():
-    from sam_jax.checkpoints import hf
-    if mismatches := hf.config_mismatches(path, cfg):
-      raise CheckpointError(f'{path}: its {hf.CONFIG_NAME} describes another model: '
-                            + '; '.join(mismatches))
-  flat = official.check_and_convert(read_state_dict(path), cfg, abstract_state)
+  flat = official.check_and_convert(read_state_dict(path, cfg), cfg, abstract_state)
   state = jax_tree_copy(abstract_state)
   for p, var in nnx.to_flat_state(state):
     var.set_value(jnp.asarray(flat[p]))
