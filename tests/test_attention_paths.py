@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sam_jax.modeling import attention
+from sam_jax.modeling import attention, transformer
 from sam_jax.modeling.config import VARIANTS, SamConfig, variant_name
 from sam_jax.modeling.image_encoder import Block, ImageEncoderViT
 from sam_jax.modeling.sam import Sam
@@ -221,3 +221,39 @@ def test_highest_precision_reaches_every_matmul(form):
   found = matmul_precisions(lowered(cfg))
   assert len(found) > 10 and set(found) == {'HIGHEST'}, found
   assert 'HIGHEST' not in matmul_precisions(lowered(cfg.replace(precision='default')))
+
+
+
+@pytest.mark.parametrize('nq, nk, dtype', [
+    (37, 3, jnp.float32),   # image -> tokens: few keys (one masked)
+    (3, 37, jnp.float32),   # tokens -> image: few queries
+    (3, 37, jnp.bfloat16),
+    (37, 3, jnp.bfloat16),
+])
+def test_decoder_attention_folds_to_the_projected_form(nq, nk, dtype, monkeypatch):
+  """The mask decoder's cross-attention folds the long side's projections into the short side's
+  when heads x the short side is under the projected width: outputs and gradients (inputs and
+  parameters) equal the official projected form's, and the fold is what the layer runs here."""
+  attn = transformer.Attention(32, 2, downsample_rate=2, dtype=dtype, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(0)
+  q, k = (jnp.asarray(rng.standard_normal((2, n, 32)), jnp.float32) for n in (nq, nk))
+  v = jnp.asarray(rng.standard_normal((2, nk, 32)), jnp.float32)
+  key_mask = jnp.ones((2, nk), bool).at[1, -1].set(False)
+  cot = jnp.asarray(rng.standard_normal((2, nq, 32)), jnp.float32)
+  graphdef, params = nnx.split(attn)
+  folded = attn._few_keys if nk < nq else attn._few_queries
+  monkeypatch.setattr(attn, '_projected', None)  # fails if __call__ does not fold
+  assert attn(q, k, v, key_mask).shape == (2, nq, 32)
+
+  def run(method):
+    def fn(params, q, k, v):
+      return getattr(nnx.merge(graphdef, params), method)(q, k, v, key_mask).astype(jnp.float32)
+    out, vjp = jax.vjp(fn, params, q, k, v)
+    return out, jax.tree.leaves(vjp(cot))
+
+  (ref, ref_grads), (out, grads) = run('_projected'), run(folded.__name__)
+  tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, ref, **tol)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(g.astype(jnp.float32), r.astype(jnp.float32),
+                               **{key: 5 * t for key, t in tol.items()})

@@ -23,7 +23,15 @@ def dropout(x: jax.Array, drop: tuple[jax.Array, float] | None, index: int) -> j
 
 
 class Attention(nnx.Module):
-  """Attention with q/k/v projections to ``dim // downsample_rate`` (official names)."""
+  """Attention with q/k/v projections to ``dim // downsample_rate`` (official names).
+
+  The decoder's cross-attention sees a few prompt tokens on one side and the g x g image on the
+  other. When ``heads x tokens`` is under the projected width, projecting the image's side costs
+  more than attending: then the projections on that side are folded into the tokens' (the same
+  products, reassociated; outputs equal to ~1e-7 of their scale). In vit_b's decoder with 8
+  tokens, each cross-attention's two (4096, 256) x (256, 128) projections of the image become two
+  products of width 64 (heads x tokens).
+  """
 
   def __init__(self, dim: int, num_heads: int, downsample_rate: int = 1, *, dtype, rngs):
     internal = dim // downsample_rate
@@ -37,6 +45,16 @@ class Attention(nnx.Module):
 
   def __call__(self, q, k, v, key_mask: jax.Array | None = None) -> jax.Array:
     """q (B, Nq, C), k / v (B, Nk, C), key_mask (B, Nk) bool or None -> (B, Nq, C)."""
+    nq, nk, width = q.shape[1], k.shape[1], self.q_proj.kernel.shape[1]
+    if isinstance(nq, int) and isinstance(nk, int):  # not symbolic (jax.export): fold if cheaper
+      if nk < nq and self.num_heads * nk < width:
+        return self._few_keys(q, k, v, key_mask)
+      if nq < nk and self.num_heads * nq < width:
+        return self._few_queries(q, k, v, key_mask)
+    return self._projected(q, k, v, key_mask)
+
+  def _projected(self, q, k, v, key_mask):
+    """The official form: project q, k and v, attend per head, project out."""
     n = self.num_heads
     # (B, N, C) -> (B, heads, N, d): batched matmuls over (B, heads) run ~4x faster on CPU than
     # the same contraction as one einsum over the (B, N, heads, d) layout.
@@ -53,6 +71,52 @@ class Attention(nnx.Module):
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.matmul(attn, v).transpose(0, 2, 1, 3)  # (B, Nq, heads, d)
     return self.out_proj(out.reshape(*out.shape[:2], -1))
+
+  def _heads(self, layer: Linear) -> tuple[jax.Array, jax.Array]:
+    """A projection's kernel (C, heads, d) and bias (heads, d) in the compute dtype."""
+    kernel, bias = layer.kernel[...].astype(self.dtype), layer.bias[...].astype(self.dtype)
+    return kernel.reshape(kernel.shape[0], self.num_heads, -1), bias.reshape(self.num_heads, -1)
+
+  def _few_keys(self, q, k, v, key_mask):
+    """Many queries, few keys (image -> tokens): q_proj folded into the keys, v_proj and
+    out_proj into the values."""
+    b, nq, c = q.shape
+    n, nk = self.num_heads, k.shape[1]
+    wq, bq = self._heads(self.q_proj)
+    kh = self.k_proj(k).reshape(b, nk, n, -1)  # (B, Nk, heads, d)
+    scale = (1.0 / jnp.sqrt(jnp.float32(kh.shape[-1]))).astype(self.dtype)
+    wqk = jnp.einsum('chd,bkhd->bchk', wq, kh * scale)  # (B, C, heads, Nk)
+    bqk = jnp.einsum('hd,bkhd->bhk', bq, kh * scale)  # (B, heads, Nk)
+    logits = jnp.matmul(q.astype(self.dtype), wqk.reshape(b, c, n * nk))
+    logits = logits.reshape(b, nq, n, nk).astype(jnp.float32) + bqk[:, None].astype(jnp.float32)
+    if key_mask is not None:
+      logits = jnp.where(key_mask[:, None, None, :], logits, -jnp.inf)
+    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # (B, Nq, heads, Nk)
+    wo = self.out_proj.kernel[...].astype(self.dtype)
+    vo = jnp.einsum('bkhd,hdc->bhkc', self.v_proj(v).reshape(b, nk, n, -1),
+                    wo.reshape(n, -1, wo.shape[-1]))  # (B, heads, Nk, C): v_proj, then out_proj
+    out = jnp.matmul(attn.reshape(b, nq, n * nk), vo.reshape(b, n * nk, -1))
+    return out + self.out_proj.bias[...].astype(self.dtype)
+
+  def _few_queries(self, q, k, v, key_mask):
+    """Few queries, many keys (tokens -> image): k_proj folded into the queries, v_proj after
+    the attention (its rows sum to 1, so the bias passes through)."""
+    b, nq, c = q.shape
+    n, nk = self.num_heads, k.shape[1]
+    qh = self.q_proj(q).reshape(b, nq, n, -1)  # (B, Nq, heads, d)
+    qh = qh * (1.0 / jnp.sqrt(jnp.float32(qh.shape[-1]))).astype(self.dtype)
+    wk, bk = self._heads(self.k_proj)
+    qk = jnp.einsum('bqhd,chd->bqhc', qh, wk)  # (B, Nq, heads, C)
+    logits = jnp.matmul(qk.reshape(b, nq * n, c), k.astype(self.dtype).swapaxes(1, 2))
+    logits = logits.astype(jnp.float32) + jnp.einsum('bqhd,hd->bqh', qh, bk).reshape(
+        b, nq * n, 1).astype(jnp.float32)  # (B, Nq * heads, Nk)
+    if key_mask is not None:
+      logits = jnp.where(key_mask[:, None, :], logits, -jnp.inf)
+    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    av = jnp.matmul(attn, v.astype(self.dtype)).reshape(b, nq, n, -1)  # (B, Nq, heads, C)
+    wv, bv = self._heads(self.v_proj)
+    out = jnp.einsum('bqhc,chd->bqhd', av, wv) + bv  # (B, Nq, heads, d)
+    return self.out_proj(out.reshape(b, nq, -1))
 
 
 class TwoWayAttentionBlock(nnx.Module):
