@@ -28,7 +28,7 @@ class Attention(nnx.Module):
   The decoder's cross-attention sees a few prompt tokens on one side and the g x g image on the
   other. When ``heads x tokens`` is under the projected width, projecting the image's side costs
   more than attending: then the projections on that side are folded into the tokens' (the same
-  products, reassociated; outputs equal to ~1e-7 of their scale). In vit_b's decoder with 8
+  products, reassociated; outputs equal to ~1e-6 of their scale). In vit_b's decoder with 8
   tokens, each cross-attention's two (4096, 256) x (256, 128) projections of the image become two
   products of width 64 (heads x tokens).
   """
