@@ -125,8 +125,10 @@ def summary_line(name: str, res: dict[str, Any]) -> str:
   for variant, r in res['variants'].items():
     miou = ' '.join(f'{p}:{report.fmt(r["miou"][str(p)])}'
                     for p in report.reported_points(len(r['miou'])) if r['miou'][str(p)] is not None)
+    by_area = ' '.join(f'{k} {report.fmt(a["miou"]["1"])} ({a["masks"]})'
+                       for k, a in r['by_area'].items())
     out.append(f'{variant} first click: mIoU % by points {miou or "-"}, oracle@1 '
-               f'{report.fmt(r["oracle_miou_1"])}')
+               f'{report.fmt(r["oracle_miou_1"])}, 1 point by area {by_area}')
   return f'{res["masks"]} masks of {res["images"]} images; ' + '; '.join(out)
 
 

@@ -183,6 +183,19 @@ def test_eval_writes_every_figure_table_plot_and_log(eval_run):
     per_mask = np.array([m['iou'] for m in r['masks']])
     np.testing.assert_allclose(per_mask.mean(0), [r['miou'][str(p)] for p in range(1, 10)],
                                atol=1e-5)
+    # By COCO's area ranges: every mask in exactly one, the figures those masks' means.
+    area = np.array([m['area'] for m in r['masks']])
+    assert area.tolist() == [int(source[m['record']]['masks']['area'][m['mask']])
+                             for m in r['masks']]
+    assert sum(a['masks'] for a in r['by_area'].values()) == len(r['masks'])
+    for name, lo, hi in single_point.AREA_RANGES:
+      sel = (area >= lo) & (area < hi)
+      got = [r['by_area'][name]['miou'][str(p)] for p in range(1, 10)]
+      assert r['by_area'][name]['masks'] == sel.sum()
+      if sel.any():
+        np.testing.assert_allclose(got, per_mask[sel].mean(0), atol=1e-5)
+      else:
+        assert got == [None] * 9
   # The first points written are the masks' centres (the random ones lie inside their masks).
   for m in shapes['variants']['center']['masks']:
     rec = source[m['record']]
@@ -194,8 +207,11 @@ def test_eval_writes_every_figure_table_plot_and_log(eval_run):
     gt = mask_utils.decode({'size': [rec['height'], rec['width']],
                             'counts': rec['masks']['counts'][m['mask']]})
     assert gt[m['first_point'][1], m['first_point'][0]]
+  assert [r[1:] for r in single_point.AREA_RANGES] == [(0, 32**2), (32**2, 96**2),
+                                                       (96**2, float('inf'))]  # COCOeval's
   table = open(os.path.join(workdir, 'results.md')).read()
   assert '| synthetic_shapes/evaltest:validation |' in table
+  assert '| synthetic_shapes/evaltest:validation | small |' in table
   assert '| 1 pt | 2 pt | 3 pt | 5 pt | 9 pt | oracle @1 |' in table
   with Image.open(os.path.join(workdir, 'miou_vs_points.png')) as im:
     assert im.size[0] > 300 and im.size[1] > 200

@@ -8,8 +8,10 @@
        "records_read", "images", "masks", "usable_masks", "subsampled", "skipped": {counter: n},
        "seconds", "variants": {"center" | "random": {
            "miou": {"1": ..., ..., "9": ...}, "oracle_miou_1": ...,
+           "by_area": {"small" | "medium" | "large": {"masks", "miou", "oracle_miou_1"}},
            "masks": [{"record", "image_id", "mask", "id", "first_point": [x, y],
-                      "clicks": [[x, y, label], ...], "iou": [...], "oracle_iou"}, ...]}}}
+                      "clicks": [[x, y, label], ...], "area", "iou": [...], "oracle_iou"},
+                     ...]}}}
      | {"error": "..."}},
    "instances": {"<name>:<split>": {"records_read", "images", "skipped", "detections",
        "gt_masks", "gt_crowd", "results", "metrics": {AP, AP50, AP75, AP_S, AP_M, AP_L},
@@ -24,7 +26,7 @@ import json
 import os
 from typing import Any
 
-from sam_jax.evaluation.single_point import REPORTED_POINTS
+from sam_jax.evaluation.single_point import AREA_RANGES, REPORTED_POINTS
 
 JSON_FILE, MARKDOWN_FILE, PLOT_FILE = 'results.json', 'results.md', 'miou_vs_points.png'
 
@@ -75,6 +77,15 @@ def single_point_markdown(results: dict[str, Any]) -> str:
       lines.append(f'| **mean of {len(scored)}** | | ' + ' | '.join(
           fmt(mean(lambda r, p=p: r['miou'][str(p)])) for p in points)
                    + f' | {fmt(mean(lambda r: r["oracle_miou_1"]))} |')
+    lines += ['', f'By mask area (COCO\'s ranges: small under 32^2 pixels, medium under 96^2):', '',
+              '| dataset | area | masks | ' + ' | '.join(f'{p} pt' for p in points)
+              + ' | oracle @1 |', '|---|---|---:|' + '---:|' * (len(points) + 1)]
+    for name, res in ok.items():
+      for area, *_ in AREA_RANGES:
+        r = res['variants'][variant]['by_area'][area]
+        lines.append(f'| {name} | {area} | {r["masks"]} | '
+                     + ' | '.join(fmt(r['miou'][str(p)]) for p in points)
+                     + f' | {fmt(r["oracle_miou_1"])} |')
     lines.append('')
   lines += ['## Data', '', '| dataset | records read | images | masks (usable) | subsampled | '
             'skipped | seconds |', '|---|---:|---:|---:|:---:|---|---:|']

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 FIRST_POINTS = ('center', 'random')
 REPORTED_POINTS = (1, 2, 3, 5, 9)  # the paper's columns
+# Mask area ranges in pixels of the original image, as COCOeval's (areaRng): mIoU per range too.
+AREA_RANGES = (('small', 0, 32**2), ('medium', 32**2, 96**2), ('large', 96**2, float('inf')))
 COUNTERS = (
     'images_ok',               # evaluated
     'images_corrupt',          # image bytes do not decode
@@ -378,7 +380,8 @@ def run_images(predictor, source: Sequence[dict[str, Any]], selected, protocol: 
           'first_point': [int(v) for v in res.points[m, 0]],
           'clicks': [[int(x), int(y), int(lab)]
                      for (x, y), lab in zip(res.points[m], res.labels[m]) if lab >= 0],
-          'iou': res.ious[m].tolist(), 'oracle_iou': float(res.oracle_iou[m])}
+          'area': int(gt[m].sum()), 'iou': res.ious[m].tolist(),
+          'oracle_iou': float(res.oracle_iou[m])}
                                  for m, j in enumerate(chosen)]
     predictor.reset_image()
     skips.counts['images_ok'] += 1
@@ -408,9 +411,16 @@ def summarize(per_image: Sequence[dict[str, Any]], protocol: Protocol, selection
              for e in per_image for m in e['masks'].get(v, ())]
     ious = np.array([m['iou'] for e in per_image for m in e['masks'].get(v, ())]
                     ).reshape(-1, protocol.num_points)  # (M, P)
-    oracle = [m['oracle_iou'] for e in per_image for m in e['masks'].get(v, ())]
+    oracle = np.array([m['oracle_iou'] for m in masks])
+    area = np.array([m['area'] for m in masks])
+    by_area = {}
+    for name, lo, hi in AREA_RANGES:
+      sel = (area >= lo) & (area < hi)
+      by_area[name] = {'masks': int(sel.sum()), 'miou': miou_by_points(ious[sel]),
+                       'oracle_miou_1': float(oracle[sel].mean()) if sel.any() else None}
     variants[v] = {'miou': miou_by_points(ious),
-                   'oracle_miou_1': float(np.mean(oracle)) if oracle else None, 'masks': masks}
+                   'oracle_miou_1': float(oracle.mean()) if len(oracle) else None,
+                   'by_area': by_area, 'masks': masks}
   return {'records_read': selection['records_read'], 'images': skipped['images_ok'],
           'masks': len(variants[protocol.first_points[0]]['masks']),
           'usable_masks': selection['usable_masks'], 'subsampled': selection['subsampled'],
