@@ -99,17 +99,16 @@ class Attention(nnx.Module):
     return out + self.out_proj.bias[...].astype(self.dtype)
 
   def _few_queries(self, q, k, v, key_mask):
-    """Few queries, many keys (tokens -> image): k_proj folded into the queries, v_proj after
-    the attention (its rows sum to 1, so the bias passes through)."""
+    """Few queries, many keys (tokens -> image): k_proj folded into the queries (its bias adds
+    the same to every key's logit, which the softmax drops), v_proj after the attention (its
+    rows sum to 1, so the bias passes through)."""
     b, nq, c = q.shape
-    n, nk = self.num_heads, k.shape[1]
+    n = self.num_heads
     qh = self.q_proj(q).reshape(b, nq, n, -1)  # (B, Nq, heads, d)
     qh = qh * (1.0 / jnp.sqrt(jnp.float32(qh.shape[-1]))).astype(self.dtype)
-    wk, bk = self._heads(self.k_proj)
-    qk = jnp.einsum('bqhd,chd->bqhc', qh, wk)  # (B, Nq, heads, C)
+    qk = jnp.einsum('bqhd,chd->bqhc', qh, self._heads(self.k_proj)[0])  # (B, Nq, heads, C)
     logits = jnp.matmul(qk.reshape(b, nq * n, c), k.astype(self.dtype).swapaxes(1, 2))
-    logits = logits.astype(jnp.float32) + jnp.einsum('bqhd,hd->bqh', qh, bk).reshape(
-        b, nq * n, 1).astype(jnp.float32)  # (B, Nq * heads, Nk)
+    logits = logits.astype(jnp.float32)  # (B, Nq * heads, Nk)
     if key_mask is not None:
       logits = jnp.where(key_mask[:, None, :], logits, -jnp.inf)
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
