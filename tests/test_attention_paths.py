@@ -223,7 +223,6 @@ def test_highest_precision_reaches_every_matmul(form):
   assert 'HIGHEST' not in matmul_precisions(lowered(cfg.replace(precision='default')))
 
 
-
 @pytest.mark.parametrize('nq, nk, dtype', [
     (37, 3, jnp.float32),   # image -> tokens: few keys (one masked)
     (3, 37, jnp.float32),   # tokens -> image: few queries

@@ -62,30 +62,28 @@ def single_point_markdown(results: dict[str, Any]) -> str:
            'mIoU (%) of the most confident mask after N clicks (multimask output for the first '
            'click, single output after); "oracle @1": the best of the 3 first-click masks.', '']
   ok = {k: v for k, v in results['single_point'].items() if 'variants' in v}
+  header = ' | '.join(f'{p} pt' for p in points) + ' | oracle @1 |'
+  figures = lambda r: (' | '.join(fmt(r['miou'][str(p)]) for p in points)  # header's cells
+                       + f' | {fmt(r["oracle_miou_1"])} |')
   for variant in protocol['first_points']:
     lines += [f'## First click: {variant}', '',
-              '| dataset | masks | ' + ' | '.join(f'{p} pt' for p in points) + ' | oracle @1 |',
+              f'| dataset | masks | {header}',
               '|---|---:|' + '---:|' * (len(points) + 1)]
     for name, res in ok.items():
-      r = res['variants'][variant]
-      lines.append(f'| {name} | {res["masks"]} | ' + ' | '.join(fmt(r['miou'][str(p)])
-                                                             for p in points)
-                   + f' | {fmt(r["oracle_miou_1"])} |')
+      lines.append(f'| {name} | {res["masks"]} | {figures(res["variants"][variant])}')
     scored = [r for r in ok.values() if r['masks']]
     if len(scored) > 1:  # the mean over datasets, as the paper's SA-23 figures
       mean = lambda key: sum(key(r['variants'][variant]) for r in scored) / len(scored)
       lines.append(f'| **mean of {len(scored)}** | | ' + ' | '.join(
           fmt(mean(lambda r, p=p: r['miou'][str(p)])) for p in points)
                    + f' | {fmt(mean(lambda r: r["oracle_miou_1"]))} |')
-    lines += ['', f'By mask area (COCO\'s ranges: small under 32^2 pixels, medium under 96^2):', '',
-              '| dataset | area | masks | ' + ' | '.join(f'{p} pt' for p in points)
-              + ' | oracle @1 |', '|---|---|---:|' + '---:|' * (len(points) + 1)]
+    lines += ['', "By mask area (COCO's ranges: small under 32^2 pixels, medium under 96^2):", '',
+              f'| dataset | area | masks | {header}',
+              '|---|---|---:|' + '---:|' * (len(points) + 1)]
     for name, res in ok.items():
       for area, *_ in AREA_RANGES:
         r = res['variants'][variant]['by_area'][area]
-        lines.append(f'| {name} | {area} | {r["masks"]} | '
-                     + ' | '.join(fmt(r['miou'][str(p)]) for p in points)
-                     + f' | {fmt(r["oracle_miou_1"])} |')
+        lines.append(f'| {name} | {area} | {r["masks"]} | {figures(r)}')
     lines.append('')
   lines += ['## Data', '', '| dataset | records read | images | masks (usable) | subsampled | '
             'skipped | seconds |', '|---|---:|---:|---:|:---:|---|---:|']

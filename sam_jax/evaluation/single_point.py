@@ -407,12 +407,12 @@ def summarize(per_image: Sequence[dict[str, Any]], protocol: Protocol, selection
       skipped[k] += v
   variants = {}
   for v in protocol.first_points:
+    raw = [m for e in per_image for m in e['masks'].get(v, ())]
     masks = [dict(m, iou=[round(x, 6) for x in m['iou']], oracle_iou=round(m['oracle_iou'], 6))
-             for e in per_image for m in e['masks'].get(v, ())]
-    ious = np.array([m['iou'] for e in per_image for m in e['masks'].get(v, ())]
-                    ).reshape(-1, protocol.num_points)  # (M, P)
-    oracle = np.array([m['oracle_iou'] for m in masks])
-    area = np.array([m['area'] for m in masks])
+             for m in raw]
+    ious = np.array([m['iou'] for m in raw]).reshape(-1, protocol.num_points)  # (M, P)
+    oracle = np.array([m['oracle_iou'] for m in raw])
+    area = np.array([m['area'] for m in raw])
     by_area = {}
     for name, lo, hi in AREA_RANGES:
       sel = (area >= lo) & (area < hi)

@@ -84,9 +84,9 @@ class Attention(nnx.Module):
     n, nk = self.num_heads, k.shape[1]
     wq, bq = self._heads(self.q_proj)
     kh = self.k_proj(k).reshape(b, nk, n, -1)  # (B, Nk, heads, d)
-    scale = (1.0 / jnp.sqrt(jnp.float32(kh.shape[-1]))).astype(self.dtype)
-    wqk = jnp.einsum('chd,bkhd->bchk', wq, kh * scale)  # (B, C, heads, Nk)
-    bqk = jnp.einsum('hd,bkhd->bhk', bq, kh * scale)  # (B, heads, Nk)
+    kh = kh * (1.0 / jnp.sqrt(jnp.float32(kh.shape[-1]))).astype(self.dtype)
+    wqk = jnp.einsum('chd,bkhd->bchk', wq, kh)  # (B, C, heads, Nk)
+    bqk = jnp.einsum('hd,bkhd->bhk', bq, kh)  # (B, heads, Nk)
     logits = jnp.matmul(q.astype(self.dtype), wqk.reshape(b, c, n * nk))
     logits = logits.reshape(b, nq, n, nk).astype(jnp.float32) + bqk[:, None].astype(jnp.float32)
     if key_mask is not None:
