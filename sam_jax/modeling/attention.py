@@ -186,7 +186,8 @@ def chunked(q, k, v, rel_h_table, rel_w_table, grid: tuple[int, int], scale: flo
     bias = rel_h[..., :, None].astype(f32) + rel_w[..., None, :].astype(f32)  # (B, heads, r, W, H, W)
     logits = jnp.matmul(q * scale, k_t, precision=precision)  # (B, heads, rW, HW)
     logits = logits.astype(f32) + bias.reshape(b, n, r * w, h * w)
-    e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+    shift = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))  # cancels in the ratio
+    e = jnp.exp(logits - shift)
     out = jnp.matmul(e.astype(dtype), v, precision=precision)  # (B, heads, rW, d)
     return (out.astype(f32) / e.sum(axis=-1, keepdims=True)).astype(dtype)
 
