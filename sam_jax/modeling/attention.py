@@ -10,7 +10,8 @@ the same softmax(logits) v; every function takes q, k, v as (B, HW, heads, d) (`
 layout), the gathered tables Rh (H, H, d) and Rw (W, W, d), and returns (B, HW, heads, d):
 
   chunked  logits built a few query rows at a time, so a chunk stays in a CPU's cache: the CPU path,
-           exact parity with the official model (1.7x faster than whole logits on CPU for vit_b).
+           parity with the official model to float rounding (1.7x faster than whole logits on
+           CPU for vit_b).
   folded   the relative terms folded into q and k, q' = [scale q, rel_h, rel_w], k' = [k, one-hot of
            ky, one-hot of kx], so q'.k' is the logits above and a fused (flash) kernel runs with no
            (heads, HW, HW) bias; head dim d + H + W, zero-padded to a multiple of 8 (vit_h global:
