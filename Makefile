@@ -29,6 +29,9 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q -e ".[test]" -c $(CONSTRAINTS)
 	touch $@
 
+# The demo runs on the CPU. .venv holds libtpu (for the compile-only tests), whose TPU probe prints
+# errors on a machine without a TPU: name the platform unless the caller did (JAX_PLATFORMS=...).
+demo: export JAX_PLATFORMS ?= cpu
 demo: setup
 	$(PY) train.py --config=configs/tiny.py --workdir=$(OUT)/tiny
 	$(PY) eval.py --config=configs/eval/synthetic.py --config.checkpoint=$(OUT)/tiny --workdir=$(OUT)/eval
