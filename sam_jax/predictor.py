@@ -2,8 +2,9 @@
 
 The image encoder is compiled once per model and image batch size (``set_images`` sends powers of
 two, so at most log2(batch_size) + 1 sizes); the decoder + postprocess once per (prompt batch,
-prompt-length bucket, image size): prompts are padded to the next power of two with inert PAD slots
-(see ``modeling.prompt_encoder``), which gives exactly the unpadded result. ``SamPredictor(sam,
+prompt-length bucket, image size): prompts are padded to the next power of two (or to a caller's
+``min_prompt_len``) with inert PAD slots (see ``modeling.prompt_encoder``), which gives exactly the
+unpadded result. ``SamPredictor(sam,
 dtype='bfloat16')`` runs a copy of the model whose weights were cast to bfloat16 once
 (``modeling.sam.cast_for_inference``), for accelerators. Building a predictor turns on jax's
 persistent compilation cache (``sam_jax.compilation_cache``), so a new process reuses earlier
@@ -103,7 +104,8 @@ def assemble_prompts(coords: np.ndarray | None, labels: np.ndarray | None,
   """Official sparse-prompt order as one padded (B, T, 2) / (B, T) pair.
 
   Points, then the official "not a point" padding point when there is no box, then the two box
-  corners (labels 2, 3), then PAD slots up to the bucket length (at least ``min_len``).
+  corners (labels 2, 3), then PAD slots up to ``min_len`` when the prompt is no longer, else up to
+  its bucket length.
   """
   parts_c, parts_l = [], []
   if coords is not None:
@@ -116,7 +118,7 @@ def assemble_prompts(coords: np.ndarray | None, labels: np.ndarray | None,
     parts_c.append(np.asarray(boxes, np.float32).reshape(batch, 2, 2))
     parts_l.append(np.broadcast_to(np.array(BOX_LABELS, np.int32), (batch, 2)))
   n = sum(c.shape[1] for c in parts_c)
-  pad = max(bucket(n), min_len) - n
+  pad = (min_len if 0 < n <= min_len else bucket(n)) - n
   parts_c.append(np.zeros((batch, pad, 2), np.float32))
   parts_l.append(np.full((batch, pad), PAD_LABEL, np.int32))
   return np.concatenate(parts_c, 1), np.concatenate(parts_l, 1)
@@ -274,8 +276,10 @@ class SamPredictor:
     Returns jax arrays: masks (B, C, H, W), IoU predictions (B, C), low-res logits (B, C, L, L).
     To compile fewer programs over many images and prompt lengths (this module's docstring):
     ``pad_masks_to`` pads H and W to multiples of it (padding reads as no mask / logit 0), and
-    ``min_prompt_len`` pads the prompt with inert slots to at least that many tokens. image_index:
-    which image of ``set_images`` (coordinates in its input frame, ``input_sizes[image_index]``).
+    ``min_prompt_len`` pads a prompt of at most that many tokens with inert slots to exactly that
+    many (one program for all of a protocol's clicks; a longer prompt goes to its power-of-two
+    bucket). image_index: which image of ``set_images`` (coordinates in its input frame,
+    ``input_sizes[image_index]``).
     """
     self._check_image_set(image_index)
     batch = next((len(a) for a in (point_coords, boxes, mask_input) if a is not None), 1)

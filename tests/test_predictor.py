@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from sam_jax import SamPredictor, sam_model_registry
+from sam_jax.modeling.prompt_encoder import PAD_LABEL
 from sam_jax.predictor import assemble_prompts, bucket
 
 
@@ -112,6 +113,17 @@ def test_bucketed_prompt_counts_do_not_recompile(predictor):
   for n in (1, 2, 3):
     predictor.predict(point_coords=rng.uniform(0, 100, (n, 2)), point_labels=np.ones(n))
   assert predictor.programs.predict._cache_size() == n_compiled
+
+
+def test_min_prompt_len_pads_shorter_prompts_to_exactly_that_length():
+  def length(points, min_len):
+    coords, labels = assemble_prompts(np.zeros((3, points, 2)), np.ones((3, points), np.int32),
+                                      None, 3, min_len)
+    assert coords.shape == (3, labels.shape[1], 2) and (labels[:, points + 1:] == PAD_LABEL).all()
+    return labels.shape[1]
+  # n points + the "not a point" slot: exactly 10 up to 10 slots (eval.py's 9 clicks), then buckets
+  assert [length(n, 10) for n in (1, 5, 8, 9, 10)] == [10, 10, 10, 10, 16]
+  assert [length(n, 0) for n in (1, 3, 7, 9)] == [2, 4, 8, 16]
 
 
 def test_encoder_compiles_once_for_all_image_sizes():
