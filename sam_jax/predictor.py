@@ -4,11 +4,10 @@ The image encoder is compiled once per model and image batch size (``set_images`
 two, so at most log2(batch_size) + 1 sizes); the decoder + postprocess once per (prompt batch,
 prompt-length bucket, image size): prompts are padded to the next power of two (or to a caller's
 ``min_prompt_len``) with inert PAD slots (see ``modeling.prompt_encoder``), which gives exactly the
-unpadded result. ``SamPredictor(sam,
-dtype='bfloat16')`` runs a copy of the model whose weights were cast to bfloat16 once
-(``modeling.sam.cast_for_inference``), for accelerators. Building a predictor turns on jax's
-persistent compilation cache (``sam_jax.compilation_cache``), so a new process reuses earlier
-compilations.
+unpadded result. ``SamPredictor(sam, dtype='bfloat16')`` runs a copy of the model whose weights were
+cast to bfloat16 once (``modeling.sam.cast_for_inference``), for accelerators. Building a predictor
+turns on jax's persistent compilation cache (``sam_jax.compilation_cache``), so a new process reuses
+earlier compilations.
 """
 from __future__ import annotations
 
