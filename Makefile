@@ -37,8 +37,12 @@ demo: setup
 	$(PY) eval.py --config=configs/eval/synthetic.py --config.checkpoint=$(OUT)/tiny --workdir=$(OUT)/eval
 	$(PY) -m sam_jax.demo --checkpoint $(OUT)/tiny --out $(OUT)/demo
 
+# Two pytest-xdist workers, a test file each at a time (module fixtures run once): the suite is
+# mostly single-threaded XLA compiles, which a second worker overlaps (`make test TEST_WORKERS=0`: serial).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=15 --nbmake tests notebooks $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 --nbmake tests notebooks \
+		$(PYTEST_ARGS)
 
 # A fresh venv each time, no constraints: a release inside the ranges that breaks us fails here.
 test-latest:

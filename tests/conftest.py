@@ -11,15 +11,31 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ['SAM_JAX_COMPILATION_CACHE'] = '0'
 sys.path.insert(0, os.path.dirname(__file__))
 
+import pytest  # noqa: E402
 import torchvision_shim  # noqa: E402
 
 torchvision_shim.install()
 
 PARITY_REPORT: list[str] = []  # lines added by parity tests, printed in the terminal summary
+_REPORTED: list[str] = []      # the lines, as they came back in the tests' reports
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+  """Moves the lines a test added into its report: reports are what reach the main process from
+  pytest-xdist's workers (``make test`` runs two)."""
+  report = yield
+  report.user_properties.extend(('parity', line) for line in PARITY_REPORT)
+  PARITY_REPORT.clear()
+  return report
+
+
+def pytest_runtest_logreport(report):
+  _REPORTED.extend(line for key, line in report.user_properties if key == 'parity')
 
 
 def pytest_terminal_summary(terminalreporter):
-  if PARITY_REPORT:
+  if _REPORTED:
     terminalreporter.section('parity against segment-anything 1.0 / transformers (measured)')
-    for line in PARITY_REPORT:
+    for line in _REPORTED:
       terminalreporter.write_line(line)

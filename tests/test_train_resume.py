@@ -51,9 +51,11 @@ class Env:
     cache = os.environ.get('JAX_COMPILATION_CACHE_DIR') or str(root / 'jax_cache')
     # config.data.data_dir defaults to None, which ml_collections cannot override from the command
     # line; the pipeline's default data dir is $TFDS_DATA_DIR.
+    # Backend optimisation off: the train step compiles ~1.5x faster on CPU, and every run here
+    # (the reference too) uses the same compiler settings, so "bitwise" still compares like with like.
     self.env = dict(os.environ, TFDS_DATA_DIR=str(data), JAX_COMPILATION_CACHE_DIR=cache,
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PLATFORMS='cpu',
-                    PYTHONUNBUFFERED='1')
+                    XLA_FLAGS='--xla_backend_optimization_level=0', PYTHONUNBUFFERED='1')
     self._processes, self._closed, self._lock = [], False, threading.Lock()
 
   def launch(self, workdir: Path, *flags: str) -> subprocess.Popen:
