@@ -38,7 +38,7 @@ demo: setup
 	$(PY) -m sam_jax.demo --checkpoint $(OUT)/tiny --out $(OUT)/demo
 
 # Two pytest-xdist workers, a test file each at a time (module fixtures run once): the suite is
-# mostly single-threaded XLA compiles, which a second worker overlaps (`make test TEST_WORKERS=0`: serial).
+# mostly single-threaded XLA compiles, which a second worker overlaps (TEST_WORKERS=0: serial).
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 --nbmake tests notebooks \
