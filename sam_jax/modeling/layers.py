@@ -119,11 +119,20 @@ class Conv2d(nnx.Module):
     self.precision = precision
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    p = self.padding
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-        window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=self.precision)
+    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
+    k, p = kernel.shape[0], self.padding
+    if self.stride == k <= 2 and not p:
+      # 1x1 and 2x2-stride-2 convolutions (the neck's first, the mask downscaling) as a matmul,
+      # the same sums: XLA:CPU computes their weight gradients over a 16x16 map slowly
+      # (configs/tiny.py's train step: 0.93x the time). Not the 16x16 patch embedding: its
+      # patchify transpose costs more than the convolution.
+      n, h, w, c = x.shape
+      x = x[:, :h - h % k, :w - w % k].reshape(n, h // k, k, w // k, k, c)  # (N, H/k, k, W/k, k, C)
+      y = jnp.einsum('nhpwqc,pqco->nhwo', x, kernel, precision=self.precision)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(self.stride, self.stride), padding=((p, p), (p, p)),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=self.precision)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
