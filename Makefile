@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (Python 3.11, no accelerator needed):
 #   make demo   set up .venv and run the main job: train configs/tiny.py on the built-in synthetic
-#               shapes (CPU, 11-24 min), evaluate it on held-out images (eval.py, the paper's
+#               shapes (CPU, 10-24 min), evaluate it on held-out images (eval.py, the paper's
 #               single-point protocol), write overlay PNGs
 #   make test   set up .venv and run the whole test suite
 # .venv gets the exact versions CI tests (constraints.txt); `make test-latest` installs the newest

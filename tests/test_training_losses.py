@@ -341,3 +341,44 @@ def test_grouping_loss_enters_the_train_step():
   np.testing.assert_allclose(float(metrics['grouping_loss']), expected, rtol=1e-4)
   rounds = float(np.mean(np.asarray(metrics['round/loss'])))
   np.testing.assert_allclose(float(metrics['loss']), rounds + 2.5 * expected, rtol=1e-5)
+
+
+def test_decoder_mask_chunks_give_the_same_losses_and_gradients():
+  """``decoder_mask_chunk`` only changes how many masks the decoder runs at a time (and what the
+  backward pass keeps): the rounds' losses and the gradients equal the all-masks pass's; a chunk
+  that does not divide the masks is refused by name."""
+  from flax import nnx
+
+  from bench.train_step import synthetic_batch
+  from sam_jax.modeling.config import VARIANTS
+  from sam_jax.modeling.sam import Sam
+  from sam_jax.training import config as train_config, train_step
+
+  model = Sam(VARIANTS['vit_tiny'], rngs=nnx.Rngs(0))
+  graphdef, params, frozen = train_step.split_model(model, 'all')
+  spec = {'image': jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.uint8),
+          'masks': jax.ShapeDtypeStruct((2, 3, 64, 64), jnp.bool_)}
+  batch = jax.tree.map(jnp.asarray, synthetic_batch(spec, seed=1))
+
+  def run(chunk, round_remat):
+    config = train_config.default_config()
+    config.update(model='vit_tiny', num_rounds=4, drop_path_rate=0.0, decoder_dropout=0.0,
+                  remat='none', round_remat=round_remat, decoder_mask_chunk=chunk)
+
+    def loss(params):
+      out = train_step.forward_rounds(nnx.merge(graphdef, params, frozen), batch,
+                                      jax.random.key(3), config, train=True)
+      return out['loss'].mean(), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return out, grads
+
+  ref, ref_grads = run(0, False)
+  out, grads = run(3, True)  # 2 chunks of 3 masks, inside the rematerialised rounds
+  for name in ('loss', 'iou_confident', 'num_points'):
+    np.testing.assert_allclose(np.asarray(out[name]), np.asarray(ref[name]), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(out['coords']), np.asarray(ref['coords']))
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match='decoder_mask_chunk=4 must divide the 6 masks'):
+    run(4, False)

@@ -124,7 +124,8 @@ def simulate(decode: DecodeFn, key: jax.Array, first_coords: jax.Array, first_la
     out['iou_confident'] = losses.mask_iou(fed_back, targets)
     return fed_back, out
 
-  prev, first = decode_round(0, coords, labels, None)
+  first_round = jax.checkpoint(decode_round, static_argnums=0) if remat else decode_round
+  prev, first = first_round(0, coords, labels, None)
 
   def body(carry, xs):
     coords, labels, prev = carry

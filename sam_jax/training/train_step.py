@@ -79,9 +79,26 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
   image_pe = model.prompt_encoder.get_dense_pe()
   rate = config.decoder_dropout if train else 0.0
 
-  def decode(coords, labels, mask_input, k):
+  def decode_masks(emb, coords, labels, mask_input, k):
     return model.decode(emb, coords, labels, mask_input, multimask_output='all',
                         image_pe=image_pe, drop=(k, rate) if rate else None)
+
+  n = b * m
+  chunk = config.decoder_mask_chunk if train and config.decoder_mask_chunk else n
+  if n % chunk:
+    raise ValueError(f'decoder_mask_chunk={chunk} must divide the {n} masks of a (micro)batch '
+                     f'({b} images x {m} masks)')
+
+  def decode(coords, labels, mask_input, k):
+    if chunk == n:
+      return decode_masks(emb, coords, labels, mask_input, k)
+    # (N, ...) -> (N / chunk, chunk, ...): one rematerialised decoder pass per chunk, so the
+    # backward pass holds one chunk's activations at a time; dropout draws per chunk.
+    xs = jax.tree.map(lambda a: a.reshape(n // chunk, chunk, *a.shape[1:]),
+                      (emb, coords, labels, mask_input))
+    keys = jax.random.split(k, n // chunk)
+    logits, iou = jax.lax.map(jax.checkpoint(lambda x: decode_masks(*x)), (*xs, keys))
+    return logits.reshape(n, *logits.shape[2:]), iou.reshape(n, -1)
 
   low = cfg.low_res_size
   region = jnp.repeat(prompt_rounds.image_region(batch['input_size'], low, cfg.image_size), m, 0)
