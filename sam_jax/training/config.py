@@ -56,8 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.remat = 'block'                 # encoder remat policy (image_encoder.REMAT_POLICIES)
   c.round_remat = True              # recompute each prompt round's decoder in the backward pass
   c.decoder_mask_chunk = 0          # > 0: the decoder runs over this many masks at a time, each
-                                    # chunk recomputed in the backward pass (0: all); less memory
-                                    # on CPU, more on a TPU compile (README)
+                                    # chunk recomputed in the backward pass (0: all); masks of the
+                                    # whole (micro)batch: a multiple of the data x fsdp devices
 
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=8e-4, warmup_steps=250, decay_steps=(60_000, 86_666), decay_factor=0.1,

@@ -92,13 +92,13 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
   def decode(coords, labels, mask_input, k):
     if chunk == n:
       return decode_masks(emb, coords, labels, mask_input, k)
-    # (N, ...) -> (N / chunk, chunk, ...): one rematerialised decoder pass per chunk, so the
-    # backward pass holds one chunk's activations at a time; dropout draws per chunk.
-    xs = jax.tree.map(lambda a: a.reshape(n // chunk, chunk, *a.shape[1:]),
-                      (emb, coords, labels, mask_input))
-    keys = jax.random.split(k, n // chunk)
-    logits, iou = jax.lax.map(jax.checkpoint(lambda x: decode_masks(*x)), (*xs, keys))
-    return logits.reshape(n, *logits.shape[2:]), iou.reshape(n, -1)
+    # (N, ...) -> (N / chunk, chunk, ...) as microbatches are split (every device keeps its share
+    # of each chunk): one rematerialised decoder pass per chunk, so the backward pass holds one
+    # chunk's activations at a time; dropout draws per chunk.
+    c = n // chunk
+    xs = split_microbatches((emb, coords, labels, mask_input), c)
+    outs = jax.lax.map(jax.checkpoint(lambda x: decode_masks(*x)), (*xs, jax.random.split(k, c)))
+    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(n, *a.shape[2:]), outs)
 
   low = cfg.low_res_size
   region = jnp.repeat(prompt_rounds.image_region(batch['input_size'], low, cfg.image_size), m, 0)
@@ -113,10 +113,10 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
   return out
 
 
-def split_microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
-  """(B, ...) leaves -> (k, B / k, ...): microbatch i holds images i, i + k, i + 2k, ..., so a
+def split_microbatches(batch, k: int):
+  """(B, ...) leaves -> (k, B / k, ...): microbatch i holds items i, i + k, i + 2k, ..., so a
   batch split over devices in contiguous blocks gives every device its share of each microbatch
-  (no data moves between devices)."""
+  (no data moves between devices). Also splits the decoder's masks into chunks."""
   def one(x):
     b = x.shape[0]
     return jnp.swapaxes(x.reshape((b // k, k) + x.shape[1:]), 0, 1)
