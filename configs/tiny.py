@@ -1,4 +1,4 @@
-"""vit_tiny from scratch on the built-in synthetic shapes: 1800 steps, 10-18 min on a 2-core CPU.
+"""vit_tiny from scratch on the built-in synthetic shapes: 1800 steps, 8-18 min on a 2-core CPU.
 
   python train.py --config=configs/tiny.py --workdir=out/tiny
   python train.py --config=configs/tiny.py:smoke --workdir=/tmp/smoke   # a few steps, for tests
