@@ -1,7 +1,7 @@
 """Compiled memory per chip of the paper's runs on the slices of POD_LAYOUTS (the README table),
 from shapes alone on any CPU machine with the tpu extra (libtpu's compile-only client).
 
-  .venv/bin/python bench/pod_memory.py                      # every row, ~10-15 min each on 2 cores
+  .venv/bin/python bench/pod_memory.py                      # every row, ~5 min each on 2 cores (40 min in all)
   .venv/bin/python bench/pod_memory.py --only vit_b/v5e-64
 
 Each row is ``train.py --config=configs/sam_<model>.py:<slice> --compile_only --topology=...``.
