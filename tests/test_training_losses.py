@@ -382,3 +382,5 @@ def test_decoder_mask_chunks_give_the_same_losses_and_gradients():
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match='decoder_mask_chunk=4 must divide the 6 masks'):
     run(4, False)
+  with pytest.raises(ValueError, match='decoder_mask_chunk=-1 must divide the 6 masks'):
+    run(-1, False)

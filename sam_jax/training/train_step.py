@@ -85,7 +85,7 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
 
   n = b * m
   chunk = config.decoder_mask_chunk if train and config.decoder_mask_chunk else n
-  if n % chunk:
+  if chunk < 0 or n % chunk:
     raise ValueError(f'decoder_mask_chunk={chunk} must divide the {n} masks of a (micro)batch '
                      f'({b} images x {m} masks)')
 
@@ -98,6 +98,7 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
     c = n // chunk
     xs = split_microbatches((emb, coords, labels, mask_input), c)
     outs = jax.lax.map(jax.checkpoint(lambda x: decode_masks(*x)), (*xs, jax.random.split(k, c)))
+    # (c, chunk, ...) -> (N, ...): the inverse of the split, mask j back at row j
     return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(n, *a.shape[2:]), outs)
 
   low = cfg.low_res_size
