@@ -1,14 +1,15 @@
 """Compiled memory per chip of the paper's runs on the slices of POD_LAYOUTS (the README table),
 from shapes alone on any CPU machine with the tpu extra (libtpu's compile-only client).
 
-  .venv/bin/python bench/pod_memory.py                      # every row, ~5 min each on 2 cores (40 min in all)
+  .venv/bin/python bench/pod_memory.py            # every row: ~5 min each on 2 cores, 40 min in all
   .venv/bin/python bench/pod_memory.py --only vit_b/v5e-64
 
 Each row is ``train.py --config=configs/sam_<model>.py:<slice> --compile_only --topology=...``.
-Besides the shipped layouts: vit_b with 2 microbatches or with 16 masks a chip per decoder pass, vit_h
-with fsdp 4, the vit_h program read as 64 H100s (an estimate, see sam_jax/training/topology.py) and
-vit_h at 1 image x 64 masks per chip, to set against the H100's measured 17 GiB peak for that batch
-(README, round remat). Prints a markdown table last and writes JSON (one report per row) to --out.
+Besides the shipped layouts: vit_b with 2 microbatches or with 16 masks a chip per decoder pass,
+vit_h with fsdp 4, the vit_h program read as 64 H100s (an estimate, see
+sam_jax/training/topology.py) and vit_h at 1 image x 64 masks per chip, to set against the H100's
+measured 17 GiB peak for that batch (README, round remat). Prints a markdown table last and writes
+JSON (one report per row) to --out.
 """
 from __future__ import annotations
 
