@@ -11,8 +11,8 @@
 # PARTS picks some (default "encoder eval train"): all three take ~13 minutes, over one call's
 # 10-minute limit, so run `PARTS=encoder` and `PARTS="eval train"` as two calls back to back (the
 # machine stays warm only 30 s after a call).
-# The GPU machine's Python lacks a few of the project's packages: carry them as wheels in .whl/
-# (bench/README.md, "On a GPU machine").
+# The GPU machine's Python lacks a few of the project's packages: bench/fetch_wheels.sh puts them
+# in .whl/ here, and run(carry=[".whl"]) takes them there (bench/README.md, "On a GPU machine").
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 if compgen -G '.whl/*.whl' >/dev/null; then

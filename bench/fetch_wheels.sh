@@ -1,0 +1,20 @@
+#!/bin/bash
+# Fetches into .whl/ the wheels that bench/device_run.sh installs on the lent GPU machine, whose
+# Python (3.12) has jax, flax and torch but not these; versions from constraints.txt. Run it here
+# (PyPI is reachable from this machine, not from the GPU one), then pass carry=[".whl"] to `run`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PACKAGES="segment-anything pycocotools ml_collections tensorflow-datasets dm-tree array_record
+  immutabledict simple-parsing docstring_parser tensorflow-metadata termcolor toml
+  googleapis-common-protos"
+pins=()
+for name in $PACKAGES; do
+  pin=$(grep -i -E "^${name//[-_]/[-_]}==" constraints.txt) || { echo "no pin for $name" >&2; exit 1; }
+  pins+=("$pin")
+done
+mkdir -p .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any -d .whl "${pins[@]}"
+# promise has no wheel on PyPI: build one (pure Python).
+python3 -m pip wheel -q --no-deps -w .whl "$(grep -i '^promise==' constraints.txt)"
+ls .whl
