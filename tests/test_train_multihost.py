@@ -10,9 +10,10 @@ stream and ``jax.make_array_from_process_local_data`` puts process p's images in
 devices it holds (process 0 first), so 2 processes give a global batch [e0, e2, e1, e3] where 1
 process gives [e0, e1, e2, e3]: the same images, another order. The losses and gradients are sums
 over the images (equal up to float rounding), but the prompt rounds after the first draw their
-random points by position in the batch, so with ``num_rounds >= 3`` the two runs would differ
-beyond rounding. This test uses ``num_rounds=2`` (the second round feeds back the first round's
-mask and adds no point: nothing random) and ``eval_rounds=1``.
+random points by position in the batch, so with a sampled point the two runs would differ beyond
+rounding. This test uses ``num_rounds=2`` with the paper's schedule (``point_every_round=False``:
+the second round feeds back the first round's mask and adds no point, nothing random) and
+``eval_rounds=1``.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def train_command(workdir: Path, batch_size: int, devices: int, *extra: str) -> 
           f'--workdir={workdir}', f'--local_device_count={devices}',
           '--config.data.dataset=synthetic_shapes/t', f'--config.data.batch_size={batch_size}',
           '--config.data.num_threads=1', '--config.data.max_masks=4',
-          f'--config.num_steps={STEPS}', '--config.num_rounds=2', '--config.eval_rounds=1',
+          f'--config.num_steps={STEPS}', '--config.num_rounds=2',
+          '--config.point_every_round=False', '--config.eval_rounds=1',
           '--config.eval_max_batches=1', '--config.model_dtype=float32',
           '--config.optimizer.warmup_steps=0',    # the full learning rate: the parameters move
           '--config.mesh.fsdp=2',                 # data 2 x fsdp 2: parameters split too

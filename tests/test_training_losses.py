@@ -384,3 +384,29 @@ def test_decoder_mask_chunks_give_the_same_losses_and_gradients():
     run(4, False)
   with pytest.raises(ValueError, match='decoder_mask_chunk=-1 must divide the 6 masks'):
     run(-1, False)
+
+
+def test_point_every_round_adds_a_point_in_every_training_round():
+  """``point_every_round``: each round after the first adds a point from the error region, also in
+  a 2-round schedule (where the paper's adds none: the last round only feeds the mask back)."""
+  from flax import nnx
+
+  from bench.train_step import synthetic_batch
+  from sam_jax.modeling.config import VARIANTS
+  from sam_jax.modeling.sam import Sam
+  from sam_jax.training import config as train_config, train_step
+
+  model = Sam(VARIANTS['vit_tiny'], rngs=nnx.Rngs(0))
+  spec = {'image': jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.uint8),
+          'masks': jax.ShapeDtypeStruct((2, 3, 64, 64), jnp.bool_)}
+  batch = jax.tree.map(jnp.asarray, synthetic_batch(spec, seed=2))  # points and boxes alternate
+  config = train_config.default_config()
+  config.update(model='vit_tiny', num_rounds=2, point_every_round=True, drop_path_rate=0.0,
+                decoder_dropout=0.0, remat='none', round_remat=False)
+  out = jax.jit(lambda: train_step.forward_rounds(model, batch, jax.random.key(0), config,
+                                                   train=True))()
+  points = np.asarray(out['num_points'])  # (2 rounds, 6 masks)
+  np.testing.assert_array_equal(points[0], np.tile([1, 0, 1], 2))  # a point, a box, a point
+  np.testing.assert_array_equal(points[1], points[0] + 1)  # random weights: every mask has errors
+  labels = np.asarray(out['labels'])[:, 2]
+  assert set(labels) <= {0, 1}

@@ -47,6 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.num_steps = 90_000
   c.num_rounds = 11                 # 1 first prompt + 8 sampled points + 2 rounds without
+  c.point_every_round = False       # True: every round after the first adds a point (no rounds
+                                    # without one); for short schedules, in which the paper's
+                                    # leaves none (2 rounds: first prompt, then its mask fed back)
   c.eval_rounds = 9                 # clicks in evaluation (mIoU at 1 .. eval_rounds points)
   c.loss = ml_collections.ConfigDict(dict(focal_weight=20.0, dice_weight=1.0, iou_weight=1.0))
   c.grouping_loss_weight = 0.0      # not in the paper: x losses.grouping_loss, which teaches the

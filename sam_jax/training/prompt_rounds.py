@@ -102,7 +102,8 @@ def simulate(decode: DecodeFn, key: jax.Array, first_coords: jax.Array, first_la
 
   first_coords (N, 2, 2), first_labels (N, 2) from the pipeline; targets (N, L, L) bool; region
   (N, L, L) bool, where points may be sampled (the image, not its padding);
-  every_round_adds_point: evaluation's schedule (round r has r + 1 points after a first point).
+  every_round_adds_point: evaluation's schedule (round r has r + 1 points after a first point),
+  also training's with ``config.point_every_round``.
   """
   n = targets.shape[0]
   weights = loss_weights or {}

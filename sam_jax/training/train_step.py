@@ -108,7 +108,7 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
       batch['prompt_labels'].reshape(b * m, 2), batch['masks'].reshape(b * m, low, low), region,
       image_size=cfg.image_size, num_rounds=config.num_rounds if train else config.eval_rounds,
       loss_weights=dict(config.loss), remat=config.round_remat and train,
-      every_round_adds_point=not train)
+      every_round_adds_point=config.point_every_round or not train)
   if grouping is not None:
     out['grouping'] = grouping
   return out
