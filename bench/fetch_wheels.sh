@@ -13,8 +13,8 @@ for name in $PACKAGES; do
   pins+=("$pin")
 done
 mkdir -p .whl
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any -d .whl "${pins[@]}"
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any "${pins[@]}"
 # promise has no wheel on PyPI: build one (pure Python).
 python3 -m pip wheel -q --no-deps -w .whl "$(grep -i '^promise==' constraints.txt)"
 ls .whl
