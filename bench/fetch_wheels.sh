@@ -9,7 +9,8 @@ PACKAGES="segment-anything pycocotools ml_collections tensorflow-datasets dm-tre
   googleapis-common-protos"
 pins=()
 for name in $PACKAGES; do
-  pin=$(grep -i -E "^${name//[-_]/[-_]}==" constraints.txt) || { echo "no pin for $name" >&2; exit 1; }
+  pin=$(grep -i -E "^${name//[-_]/[-_]}==" constraints.txt) \
+    || { echo "no pin for $name in constraints.txt" >&2; exit 1; }
   pins+=("$pin")
 done
 mkdir -p .whl
