@@ -309,25 +309,35 @@ def test_grouping_loss_rewards_one_code_per_object_and_has_finite_gradients():
   assert np.isfinite(np.asarray(grad)).all()
 
 
-def test_grouping_loss_enters_the_train_step():
-  """With ``grouping_loss_weight`` w the step's loss is the rounds' mean plus w x the mean over
-  valid masks of ``grouping_loss`` of the encoder's embedding, reported as 'grouping_loss'."""
-  import optax
+def _tiny_case(seed, **config):
+  """vit_tiny with random weights, a synthetic batch of 2 images x 3 masks (numpy; points and boxes
+  alternate) and a training config for them without dropout or remat, updated by ``config``."""
   from flax import nnx
 
   from bench.train_step import synthetic_batch
   from sam_jax.modeling.config import VARIANTS
   from sam_jax.modeling.sam import Sam
-  from sam_jax.training import config as train_config, train_step
+  from sam_jax.training import config as train_config
 
-  config = train_config.default_config()
-  config.update(model='vit_tiny', model_dtype='float32', num_rounds=2, drop_path_rate=0.0,
-                decoder_dropout=0.0, remat='none', round_remat=False, grouping_loss_weight=2.5)
-  model = Sam(VARIANTS['vit_tiny'], rngs=nnx.Rngs(0))
-  graphdef, params, frozen = train_step.split_model(model, 'all')
   spec = {'image': jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.uint8),
           'masks': jax.ShapeDtypeStruct((2, 3, 64, 64), jnp.bool_)}
-  batch = synthetic_batch(spec, seed=0)  # one ellipse per mask slot
+  c = train_config.default_config()
+  c.update(model='vit_tiny', drop_path_rate=0.0, decoder_dropout=0.0, remat='none',
+           round_remat=False)
+  c.update(**config)
+  return Sam(VARIANTS['vit_tiny'], rngs=nnx.Rngs(0)), synthetic_batch(spec, seed=seed), c
+
+
+def test_grouping_loss_enters_the_train_step():
+  """With ``grouping_loss_weight`` w the step's loss is the rounds' mean plus w x the mean over
+  valid masks of ``grouping_loss`` of the encoder's embedding, reported as 'grouping_loss'."""
+  import optax
+
+  from sam_jax.training import train_step
+
+  model, batch, config = _tiny_case(0, model_dtype='float32', num_rounds=2,
+                                    grouping_loss_weight=2.5)
+  graphdef, params, frozen = train_step.split_model(model, 'all')
   batch['mask_valid'][0, 2] = False     # an unused slot: left out of the mean
   valid = batch['mask_valid']
   tx = optax.sgd(0.0)
@@ -349,21 +359,14 @@ def test_decoder_mask_chunks_give_the_same_losses_and_gradients():
   that does not divide the masks is refused by name."""
   from flax import nnx
 
-  from bench.train_step import synthetic_batch
-  from sam_jax.modeling.config import VARIANTS
-  from sam_jax.modeling.sam import Sam
-  from sam_jax.training import config as train_config, train_step
+  from sam_jax.training import train_step
 
-  model = Sam(VARIANTS['vit_tiny'], rngs=nnx.Rngs(0))
+  model, batch, config = _tiny_case(1, num_rounds=4)
   graphdef, params, frozen = train_step.split_model(model, 'all')
-  spec = {'image': jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.uint8),
-          'masks': jax.ShapeDtypeStruct((2, 3, 64, 64), jnp.bool_)}
-  batch = jax.tree.map(jnp.asarray, synthetic_batch(spec, seed=1))
+  batch = jax.tree.map(jnp.asarray, batch)
 
   def run(chunk, round_remat):
-    config = train_config.default_config()
-    config.update(model='vit_tiny', num_rounds=4, drop_path_rate=0.0, decoder_dropout=0.0,
-                  remat='none', round_remat=round_remat, decoder_mask_chunk=chunk)
+    config.update(round_remat=round_remat, decoder_mask_chunk=chunk)  # read when traced, below
 
     def loss(params):
       out = train_step.forward_rounds(nnx.merge(graphdef, params, frozen), batch,
@@ -389,20 +392,10 @@ def test_decoder_mask_chunks_give_the_same_losses_and_gradients():
 def test_point_every_round_adds_a_point_in_every_training_round():
   """``point_every_round``: each round after the first adds a point from the error region, also in
   a 2-round schedule (where the paper's adds none: the last round only feeds the mask back)."""
-  from flax import nnx
+  from sam_jax.training import train_step
 
-  from bench.train_step import synthetic_batch
-  from sam_jax.modeling.config import VARIANTS
-  from sam_jax.modeling.sam import Sam
-  from sam_jax.training import config as train_config, train_step
-
-  model = Sam(VARIANTS['vit_tiny'], rngs=nnx.Rngs(0))
-  spec = {'image': jax.ShapeDtypeStruct((2, 256, 256, 3), jnp.uint8),
-          'masks': jax.ShapeDtypeStruct((2, 3, 64, 64), jnp.bool_)}
-  batch = jax.tree.map(jnp.asarray, synthetic_batch(spec, seed=2))  # points and boxes alternate
-  config = train_config.default_config()
-  config.update(model='vit_tiny', num_rounds=2, point_every_round=True, drop_path_rate=0.0,
-                decoder_dropout=0.0, remat='none', round_remat=False)
+  model, batch, config = _tiny_case(2, num_rounds=2, point_every_round=True)
+  batch = jax.tree.map(jnp.asarray, batch)
   out = jax.jit(lambda: train_step.forward_rounds(model, batch, jax.random.key(0), config,
                                                    train=True))()
   points = np.asarray(out['num_points'])  # (2 rounds, 6 masks)
