@@ -1,7 +1,8 @@
 """train.py end to end, as a user runs it: killed mid-step or mid-save it resumes to the very same
 parameters (bitwise, on CPU) as an uninterrupted run; a non-finite loss stops the run (exit code 3)
 keeping a finite checkpoint, or is skipped; a decoder-only run leaves the encoder untouched and
-keeps no optimizer state for it; a training workdir loads in the inference API.
+keeps no optimizer state for it; a training workdir loads in the inference API; a finished run is
+evaluated again without training.
 
 Every run is a `python train.py` subprocess on a tiny synthetic dataset (vit_tiny, 2 images x 4
 masks, 3 prompt rounds, 6 steps). Compiling the train step dominates (about a minute of CPU per
@@ -11,6 +12,7 @@ beside the tests' own (the reference, then the crash tests): at most two train.p
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -348,3 +350,21 @@ def test_training_workdir_loads_in_the_inference_api(reference):
                                       point_labels=np.array([1]))
   assert masks.shape == (3, 120, 200) and masks.dtype == bool
   assert iou.shape == (3,) and np.isfinite(iou).all() and np.isfinite(low).all()
+
+
+def test_a_finished_run_is_evaluated_again_without_training(env, reference):
+  """train.py on a workdir holding a finished run (``make demo`` run twice) says so, compiles no
+  train step, leaves the checkpoint as it was, and keeps the logged history in summary.json."""
+  workdir, ref_state = reference
+  before = json.loads((workdir / 'summary.json').read_text())
+  seen = len(log_path(workdir).read_text(errors='replace'))  # the log is appended to
+  rc, out = env.train(workdir)
+  out = out[seen:]
+  assert rc == 0, out[-3000:]
+  assert f'holds a finished run (step {STEPS} of num_steps={STEPS})' in out, out[-3000:]
+  assert 'compiled the train step' not in out
+  assert committed_steps(workdir)[-1] == STEPS
+  assert_same_tree(read_state(workdir)[1], ref_state)
+  after = json.loads((workdir / 'summary.json').read_text())
+  assert len(after['history']) == STEPS and after['history'] == before['history']
+  assert after['eval'] == before['eval']

@@ -327,19 +327,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       log.info('initial weights from %s', config.init_checkpoint)
   start = int(jax.device_get(state['step']))
 
-  # Compile before step 1.
-  t0 = time.perf_counter()
-  compiled = t.lower_step().compile()
+  # Compile before step 1; a finished run (make demo run again) is only evaluated again.
   flops = model_flops_per_step(t)
   peak = metrics_lib.peak_flops(override_tflops=config.peak_tflops) * jax.device_count()
-  if is_main:
-    log.info('compiled the train step in %.1f s; %s; %.3g model FLOPs per step',
-             time.perf_counter() - t0, describe_memory(compiled), flops)
+  if start >= config.num_steps:
+    if is_main:
+      log.warning('%s holds a finished run (step %d of num_steps=%d): evaluating it again; '
+                  'delete the folder (or raise --config.num_steps) to train', workdir, start,
+                  config.num_steps)
+  else:
+    t0 = time.perf_counter()
+    compiled = t.lower_step().compile()
+    if is_main:
+      log.info('compiled the train step in %.1f s; %s; %.3g model FLOPs per step',
+               time.perf_counter() - t0, describe_memory(compiled), flops)
 
   writer = metrics_lib.MetricWriter(workdir / 'tensorboard', active=is_main)
   bar = tqdm(total=config.num_steps, initial=start, desc='train', disable=not is_main,
              dynamic_ncols=True)
-  history = []
+  # The metrics logged before a resume, as far as a finished run wrote them (TensorBoard has all).
+  summary_path = workdir / 'summary.json'
+  history = [h for h in (json.loads(summary_path.read_text())['history']
+                         if summary_path.exists() else []) if h['step'] <= start]
   window, window_start = [], time.perf_counter()
   step = start
   try:
@@ -385,5 +394,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   summary = {'steps': step, 'eval': result, 'history': history,
              'model_flops_per_step': flops}
   if is_main:
-    (workdir / 'summary.json').write_text(json.dumps(summary, indent=1))
+    summary_path.write_text(json.dumps(summary, indent=1))
   return summary
