@@ -1,5 +1,6 @@
 """Ahead-of-time compile of the train step for TPU topologies on this CPU (libtpu's compile-only
-client, the tpu extra), pod-scale config knobs (global batch, microbatches), topology names.
+client, the tpu extra), pod-scale config knobs (global batch, microbatches), config values out of
+range, topology names.
 
 The compiled step is vit_tiny's on v5p:2x2x1 (4 chips), once with the parameters replicated
 (data 4) and once split over fsdp 4: memory figures come back and every chip's arguments shrink.
@@ -98,6 +99,29 @@ def test_microbatches_must_split_over_the_batch_axes():
     loop.check_batch(64, tiny_config(microbatches=16), mesh)
   with pytest.raises(ValueError, match='does not split'):
     loop.check_batch(12, tiny_config(), mesh)
+
+
+def test_config_values_out_of_range_are_named_before_anything_is_built():
+  from sam_jax.training import config as train_config, loop
+  from sam_jax.training.config import POD_LAYOUTS
+  for key, value, message in [
+      ('num_rounds', 0, r'config\.num_rounds=0 \(at least 1\)'),
+      ('data__batch_size', 0, r'config\.data\.batch_size=0 \(at least 1\)'),
+      ('on_nonfinite', 'Stop', r"config\.on_nonfinite='Stop' \(one of \('stop', 'skip'\)\)"),
+      ('decoder_dropout', 1.0, r'config\.decoder_dropout=1\.0 \(from 0 to below 1\)'),
+      ('optimizer__decay_steps', (5, 3), r'config\.optimizer\.decay_steps=\(5, 3\)'),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      loop.setup(tiny_config(**{key: value}))
+  # every shipped config passes
+  configs = [('tiny.py', a) for a in ('', 'smoke')] + [('finetune_coco.py', 'vit_h,mydata')]
+  configs += [(f'sam_{m}.py', a) for m in ('vit_b', 'vit_l', 'vit_h') for a in ('', 'cpu')]
+  configs += [(f'sam_{m}.py', pod) for m, pod in POD_LAYOUTS]
+  for name, arg in configs:
+    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, 'configs', name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    train_config.check(module.get_config(arg))
 
 
 def check_microbatches(devices: int) -> None:

@@ -7,6 +7,7 @@ Numbers are the SAM paper's (Appendix A) unless a comment says otherwise; see
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import ml_collections
 
@@ -82,6 +83,36 @@ def default_config() -> ml_collections.ConfigDict:
   c.peak_tflops = 0.0               # per device, for MFU; 0: guessed from the device kind
   return c
 
+
+
+# Lower bounds of the count, weight and rate fields, checked before anything is built (``check``).
+MINIMA = {
+    'num_steps': 0, 'num_rounds': 1, 'eval_rounds': 1, 'global_batch_size': 0, 'microbatches': 1,
+    'data.batch_size': 1, 'data.max_masks': 1, 'decoder_mask_chunk': 0, 'grouping_loss_weight': 0,
+    'loss.focal_weight': 0, 'loss.dice_weight': 0, 'loss.iou_weight': 0,
+    'optimizer.learning_rate': 0, 'optimizer.warmup_steps': 0, 'optimizer.weight_decay': 0,
+    'optimizer.grad_clip_norm': 0, 'optimizer.grad_accum_steps': 1,
+    'checkpoint_every_steps': 1, 'keep_checkpoints': 1, 'log_every_steps': 1,
+    'eval_every_steps': 0, 'eval_max_batches': 0,
+}
+ON_NONFINITE = ('stop', 'skip')
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Raises a ValueError naming every field out of its range (a zero batch, no prompt round, an
+  unknown ``on_nonfinite``, ...): said at once, not as an error from deep inside a trace."""
+  get = lambda name: functools.reduce(getattr, name.split('.'), config)
+  problems = [f'{name}={get(name)} (at least {low})' for name, low in MINIMA.items()
+              if get(name) < low]
+  problems += [f'{name}={get(name)} (from 0 to below 1)' for name in
+               ('drop_path_rate', 'decoder_dropout') if not 0 <= get(name) < 1]
+  if config.on_nonfinite not in ON_NONFINITE:
+    problems.append(f'on_nonfinite={config.on_nonfinite!r} (one of {ON_NONFINITE})')
+  decays = list(config.optimizer.decay_steps)
+  if decays != sorted(decays) or any(d < 0 for d in decays):
+    problems.append(f'optimizer.decay_steps={tuple(decays)} (increasing steps)')
+  if problems:
+    raise ValueError('invalid training config: config.' + '; config.'.join(problems))
 
 # The paper's per-size recipe (Appendix A). ViT-B / ViT-L train twice as long at half the batch;
 # their step decays are put at the ViT-H schedule's fractions (2/3 and 26/27 of the run).

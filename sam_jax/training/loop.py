@@ -28,8 +28,9 @@ from sam_jax.data.config import InputConfig
 from sam_jax.modeling import attention
 from sam_jax.modeling.config import VARIANTS, SamConfig
 from sam_jax.modeling.sam import Sam
-from sam_jax.training import (checkpointing, losses, metrics as metrics_lib, optimizer,
-                              prompt_rounds, scratch_init, train_step)
+from sam_jax.training import (checkpointing, config as train_config, losses,
+                              metrics as metrics_lib, optimizer, prompt_rounds, scratch_init,
+                              train_step)
 
 log = logging.getLogger('sam_jax.train')
 
@@ -263,6 +264,7 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
           num_processes: int | None = None) -> Training:
   """Mesh, model shapes, optimizer and shardings of ``config`` (nothing materialised).
   ``mesh`` and ``num_processes`` default to this job's; the compile-only path passes a pod's."""
+  train_config.check(config)
   mesh = mesh or make_mesh(config)
   rule_list = rules(config)
   cfg = model_config(config)
