@@ -84,7 +84,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-
 # Lower bounds of the count, weight and rate fields, checked before anything is built (``check``).
 MINIMA = {
     'num_steps': 0, 'num_rounds': 1, 'eval_rounds': 1, 'global_batch_size': 0, 'microbatches': 1,
@@ -113,6 +112,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     problems.append(f'optimizer.decay_steps={tuple(decays)} (increasing steps)')
   if problems:
     raise ValueError('invalid training config: config.' + '; config.'.join(problems))
+
 
 # The paper's per-size recipe (Appendix A). ViT-B / ViT-L train twice as long at half the batch;
 # their step decays are put at the ViT-H schedule's fractions (2/3 and 26/27 of the run).
