@@ -258,6 +258,11 @@ def test_killed_mid_step_resumes_to_the_same_parameters(env, background, referen
   step, state = read_state(workdir)
   assert step == STEPS
   assert_same_tree(state, ref_state)  # params, optimizer state, step, RNG: bitwise
+  # summary.json's per-step metrics run on across the kill, as the uninterrupted run's
+  losses = lambda w: [(h['step'], h['loss']) for h in
+                      json.loads((w / 'summary.json').read_text())['history']]
+  assert losses(workdir) == losses(reference[0])
+  assert [s for s, _ in losses(workdir)] == list(range(1, STEPS + 1))
 
 
 def test_killed_during_an_async_save_resumes_from_the_last_complete_checkpoint(

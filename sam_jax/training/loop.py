@@ -347,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   writer = metrics_lib.MetricWriter(workdir / 'tensorboard', active=is_main)
   bar = tqdm(total=config.num_steps, initial=start, desc='train', disable=not is_main,
              dynamic_ncols=True)
-  # The metrics logged before a resume, as far as a finished run wrote them (TensorBoard has all).
+  # The metrics logged before a resume (written with every checkpoint; TensorBoard has them too).
   summary_path = workdir / 'summary.json'
   history = [h for h in (json.loads(summary_path.read_text())['history']
                          if summary_path.exists() else []) if h['step'] <= start]
@@ -382,6 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         window, window_start = [], time.perf_counter()
       if ckpt.should_save(step, last=step == config.num_steps):
         ckpt.save(step, state, pipe.get_state())
+        if is_main:  # the history so far, for a resumed run to continue
+          summary_path.write_text(json.dumps({'steps': step, 'history': history}, indent=1))
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.num_steps:
         result = evaluate(config, graphdef, state, mesh)
         writer.scalars(step, {f'eval/miou_{i + 1}_points': v for i, v in enumerate(result['miou'])})
