@@ -23,12 +23,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location('tiny_config', os.path.join(ROOT, 'configs',
-                                                                            'tiny.py'))
+def load_config(name: str, arg: str = ''):
+  """``configs/NAME``'s ``get_config(arg)``, as ``--config=configs/NAME:arg`` reads it."""
+  spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, 'configs', name))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config('smoke')
+  return module.get_config(arg)
+
+
+def tiny_config(**overrides):
+  c = load_config('tiny.py', 'smoke')
   c.data.batch_size = 4
   c.data.max_masks = 2
   c.num_rounds = 2
@@ -118,10 +122,7 @@ def test_config_values_out_of_range_are_named_before_anything_is_built():
   configs += [(f'sam_{m}.py', a) for m in ('vit_b', 'vit_l', 'vit_h') for a in ('', 'cpu')]
   configs += [(f'sam_{m}.py', pod) for m, pod in POD_LAYOUTS]
   for name, arg in configs:
-    spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, 'configs', name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    train_config.check(module.get_config(arg))
+    train_config.check(load_config(name, arg))
 
 
 def check_microbatches(devices: int) -> None:
