@@ -30,7 +30,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from sam_jax import distributed
+from sam_jax import distributed, errors
 
 config_flags.DEFINE_config_file('config', None, 'Evaluation config file (configs/eval/*.py[:arg]).',
                                 lock_config=True)
@@ -46,16 +46,19 @@ def load_model(config) -> tuple[Any, dict[str, Any]]:
   """(Sam, a description for the report) from ``config.model`` / ``config.checkpoint``."""
   from sam_jax.build_sam import build_sam
   from sam_jax.checkpoints import orbax_io
+  from sam_jax.errors import ConfigError
   from sam_jax.modeling.config import variant_name
   checkpoint = config.checkpoint or None
   variant: Any = config.model
+  if checkpoint and not pathlib.Path(checkpoint).exists():
+    raise FileNotFoundError(f'checkpoint {checkpoint} does not exist')
   if not variant:
     if checkpoint and orbax_io.is_orbax_checkpoint(pathlib.Path(checkpoint)):
       variant = orbax_io.read_config(checkpoint)
     else:
-      raise ValueError('name the model (--config.model=vit_h, or configs/eval/NAME.py:vit_h): '
-                       f'{checkpoint or "random weights"} does not record it (only orbax '
-                       'directories and training workdirs do)')
+      raise ConfigError('name the model (--config.model=vit_h, or configs/eval/NAME.py:vit_h): '
+                        f'{checkpoint or "random weights"} does not record it (only orbax '
+                        'directories and training workdirs do)')
   if checkpoint is None:
     log.warning('no --config.checkpoint: evaluating RANDOM weights (seed %d)', config.seed)
   model = build_sam(variant, checkpoint, seed=config.seed, dtype=config.model_dtype)
@@ -190,7 +193,8 @@ def main(argv):
   logging.getLogger().setLevel(logging.WARNING)  # orbax and absl are chatty at INFO
   logging.getLogger('sam_jax').setLevel(logging.INFO)
   distributed.initialize_from_flags()
-  run(FLAGS.config, FLAGS.workdir)
+  with errors.exit_on_user_error():
+    run(FLAGS.config, FLAGS.workdir)
   import jax
   if jax.process_index() == 0:
     print(open(os.path.join(FLAGS.workdir, 'results.md')).read())

@@ -22,7 +22,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from sam_jax import distributed
+from sam_jax import distributed, errors
 
 config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py[:arg]).',
                                 lock_config=True)
@@ -66,7 +66,8 @@ def main(argv):
   distributed.initialize_from_flags()
   from sam_jax.training.loop import NonFiniteLossError, train_and_evaluate
   try:
-    summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with errors.exit_on_user_error():
+      summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)

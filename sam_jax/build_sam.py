@@ -8,6 +8,7 @@ from flax import nnx
 
 from sam_jax.checkpoints import load_state
 from sam_jax.compilation_cache import enable_compilation_cache
+from sam_jax.errors import ConfigError
 from sam_jax.modeling.config import VARIANTS, SamConfig
 from sam_jax.modeling.sam import Sam
 
@@ -25,7 +26,7 @@ def build_sam(variant: str | SamConfig, checkpoint: str | os.PathLike | None = N
   enable_compilation_cache()  # a fresh process reuses earlier compilations (its docstring)
   if isinstance(variant, str):
     if variant not in VARIANTS:
-      raise ValueError(f'unknown SAM variant {variant!r}; choose one of {sorted(VARIANTS)}')
+      raise ConfigError(f'unknown SAM variant {variant!r}; choose one of {sorted(VARIANTS)}')
     cfg = VARIANTS[variant]
   else:
     cfg = variant

@@ -11,6 +11,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sam_jax.errors import ConfigError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
@@ -34,7 +36,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   if data == -1:
     data = len(devices) // (fsdp * tensor)
   if data * fsdp * tensor != len(devices):
-    raise ValueError(f'mesh {data}x{fsdp}x{tensor} (data x fsdp x tensor) does not use all '
+    raise ConfigError(f'mesh {data}x{fsdp}x{tensor} (data x fsdp x tensor) does not use all '
                      f'{len(devices)} devices')
   # Auto axes: the XLA SPMD partitioner propagates shardings from the inputs (GSPMD).
   return jax.make_mesh((data, fsdp, tensor), MESH_AXES, devices=devices,

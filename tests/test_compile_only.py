@@ -267,3 +267,26 @@ def test_cli_rejects_an_unknown_topology():
        '--topology=v9x-8'], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode == 2, result.stderr[-2000:]
   assert "unknown topology 'v9x-8'" in result.stderr
+
+
+def test_cli_says_a_users_mistake_in_one_line(tmp_path):
+  """train.py and eval.py print a bad config value or a missing checkpoint as `error: ...` with
+  exit status 2, not as a traceback."""
+  runs = [
+      (['train.py', '--config=configs/tiny.py:smoke', f'--workdir={tmp_path}/train',
+        '--config.num_rounds=0'], 'config.num_rounds=0 (at least 1)'),
+      (['train.py', '--config=configs/tiny.py:smoke', f'--workdir={tmp_path}/train',
+        '--config.model=vit_q'], "config.model 'vit_q': choose one of"),
+      (['eval.py', '--config=configs/eval/synthetic.py:smoke', f'--workdir={tmp_path}/eval',
+        f'--config.checkpoint={tmp_path}/absent'], f'checkpoint {tmp_path}/absent does not exist'),
+      (['eval.py', '--config=configs/eval/synthetic.py:smoke', f'--workdir={tmp_path}/eval',
+        '--config.single_point.num_points=0'], 'config.single_point: num_points'),
+  ]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  for args, message in runs:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 2, (args, result.stderr[-2000:])
+    assert 'Traceback' not in result.stderr, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: ') and message in last, result.stderr[-2000:]

@@ -7,6 +7,7 @@ import dataclasses
 
 import ml_collections
 
+from sam_jax.errors import ConfigError
 from sam_jax.evaluation import instances, proposals, single_point
 
 PROTOCOLS = {'single_point': single_point.Protocol, 'instances': instances.Protocol,
@@ -44,7 +45,7 @@ def protocols(config: ml_collections.ConfigDict) -> dict[str, object]:
   names = [v.strip() for v in config.protocols.split(',') if v.strip()]
   unknown = [n for n in names if n not in PROTOCOLS]
   if unknown or not names:
-    raise ValueError(f'config.protocols {config.protocols!r}: choose from {list(PROTOCOLS)}')
+    raise ConfigError(f'config.protocols {config.protocols!r}: choose from {list(PROTOCOLS)}')
   out = {}
   for name in names:
     cls = PROTOCOLS[name]
@@ -54,8 +55,11 @@ def protocols(config: ml_collections.ConfigDict) -> dict[str, object]:
               for k, v in config[name].to_dict().items()}
     unknown = sorted(set(values) - set(kinds))
     if unknown:
-      raise ValueError(f'config.{name}: unknown settings {unknown}; known: {sorted(kinds)}')
-    out[name] = cls(**values)
+      raise ConfigError(f'config.{name}: unknown settings {unknown}; known: {sorted(kinds)}')
+    try:
+      out[name] = cls(**values)
+    except ValueError as e:  # the protocol's own check of its values
+      raise ConfigError(f'config.{name}: {e}') from None
   return out
 
 
@@ -69,7 +73,7 @@ def datasets(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
       name, _, split = item.partition(':')
       out.append((name, split or 'validation'))
   if not out:
-    raise ValueError('config.datasets is empty: give "name:split[,name:split...]"')
+    raise ConfigError('config.datasets is empty: give "name:split[,name:split...]"')
   return out
 
 
@@ -78,11 +82,11 @@ def boxes_file(boxes: str, dataset: str) -> str:
   'name:split=path,...'; 'ground_truth' for the dataset's own mask boxes."""
   if '=' not in boxes:
     if not boxes:
-      raise ValueError('the instances protocol needs detector boxes: '
+      raise ConfigError('the instances protocol needs detector boxes: '
                        '--config.instances.boxes=PATH (a COCO results JSON)')
     return boxes
   files = dict(item.strip().rsplit('=', 1) for item in boxes.split(',') if item.strip())
   if dataset not in files:
-    raise ValueError(f'config.instances.boxes names no boxes for {dataset} '
+    raise ConfigError(f'config.instances.boxes names no boxes for {dataset} '
                      f'(it has {sorted(files)})')
   return files[dataset]

@@ -12,6 +12,7 @@ import functools
 import ml_collections
 
 from sam_jax.data.config import InputConfig
+from sam_jax.errors import ConfigError
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -111,7 +112,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   if decays != sorted(decays) or any(d < 0 for d in decays):
     problems.append(f'optimizer.decay_steps={tuple(decays)} (increasing steps)')
   if problems:
-    raise ValueError('invalid training config: config.' + '; config.'.join(problems))
+    raise ConfigError('invalid training config: config.' + '; config.'.join(problems))
 
 
 # The paper's per-size recipe (Appendix A). ViT-B / ViT-L train twice as long at half the batch;
@@ -164,6 +165,6 @@ def paper_config(model: str, arg: str = '') -> ml_collections.ConfigDict:
     c.mesh.data, c.mesh.fsdp, c.microbatches, c.remat = POD_LAYOUTS[model, arg]
   elif arg:
     pods = [p for m, p in POD_LAYOUTS if m == model]
-    raise ValueError(f'unknown config argument {arg!r} (expected "", "cpu" or a slice of '
+    raise ConfigError(f'unknown config argument {arg!r} (expected "", "cpu" or a slice of '
                      f'{pods})')
   return c

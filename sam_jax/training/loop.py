@@ -25,6 +25,7 @@ from tqdm import tqdm
 from sam_jax import sharding
 from sam_jax.data import preprocess
 from sam_jax.data.config import InputConfig
+from sam_jax.errors import ConfigError
 from sam_jax.modeling import attention
 from sam_jax.modeling.config import VARIANTS, SamConfig
 from sam_jax.modeling.sam import Sam
@@ -41,11 +42,11 @@ class NonFiniteLossError(RuntimeError):
 
 def model_config(config: ml_collections.ConfigDict) -> SamConfig:
   if config.model not in VARIANTS:
-    raise ValueError(f'config.model {config.model!r}: choose one of {sorted(VARIANTS)}')
+    raise ConfigError(f'config.model {config.model!r}: choose one of {sorted(VARIANTS)}')
   cfg = VARIANTS[config.model].replace(dtype=config.model_dtype,
                                        attention=config.get('attention', 'auto'))
   if cfg.image_size != config.data.image_size:
-    raise ValueError(f'config.data.image_size {config.data.image_size} differs from the model\'s '
+    raise ConfigError(f'config.data.image_size {config.data.image_size} differs from the model\'s '
                      f'input size {cfg.image_size} ({config.model})')
   return cfg
 
@@ -65,7 +66,7 @@ def input_config(config: ml_collections.ConfigDict, eval_split: bool = False,
 
 def per_process_batch(global_batch: int, num_processes: int) -> int:
   if global_batch % num_processes:
-    raise ValueError(f'config.global_batch_size {global_batch} is not divisible by the '
+    raise ConfigError(f'config.global_batch_size {global_batch} is not divisible by the '
                      f'{num_processes} processes')
   return global_batch // num_processes
 
@@ -293,7 +294,7 @@ def check_batch(images: int, config: ml_collections.ConfigDict, mesh) -> None:
   k = config.get('microbatches', 1)
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   if k < 1 or images % k or (images // k) % shards:
-    raise ValueError(f'a global batch of {images} images in {k} microbatch(es) does not split '
+    raise ConfigError(f'a global batch of {images} images in {k} microbatch(es) does not split '
                      f'over data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} devices: '
                      f'images / microbatches must be a multiple of {shards}')
 

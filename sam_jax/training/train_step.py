@@ -30,6 +30,7 @@ import ml_collections
 import optax
 from flax import nnx
 
+from sam_jax.errors import ConfigError
 from sam_jax.modeling.config import PIXEL_MEAN, PIXEL_STD
 from sam_jax.training import losses, prompt_rounds
 
@@ -47,7 +48,7 @@ ROUND_TERMS = ('loss', 'focal', 'dice', 'iou_mse', 'iou', 'iou_confident')
 def split_model(model: nnx.Module, trainable: str):
   """(graphdef, trainable params, frozen rest) of a Sam model."""
   if trainable not in TRAINABLE:
-    raise ValueError(f'config.trainable {trainable!r}: choose one of {sorted(TRAINABLE)}')
+    raise ConfigError(f'config.trainable {trainable!r}: choose one of {sorted(TRAINABLE)}')
   return nnx.split(model, TRAINABLE[trainable], ...)
 
 
@@ -86,8 +87,8 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
   n = b * m
   chunk = config.decoder_mask_chunk if train and config.decoder_mask_chunk else n
   if chunk < 0 or n % chunk:
-    raise ValueError(f'decoder_mask_chunk={chunk} must divide the {n} masks of a (micro)batch '
-                     f'({b} images x {m} masks)')
+    raise ConfigError(f'config.decoder_mask_chunk={chunk} must divide the {n} masks of a '
+                      f'(micro)batch ({b} images x {m} masks)')
 
   def decode(coords, labels, mask_input, k):
     if chunk == n:
