@@ -99,7 +99,7 @@ ON_NONFINITE = ('stop', 'skip')
 
 
 def check(config: ml_collections.ConfigDict) -> None:
-  """Raises a ValueError naming every field out of its range (a zero batch, no prompt round, an
+  """Raises a ConfigError naming every field out of its range (a zero batch, no prompt round, an
   unknown ``on_nonfinite``, ...): said at once, not as an error from deep inside a trace."""
   get = lambda name: functools.reduce(getattr, name.split('.'), config)
   problems = [f'{name}={get(name)} (at least {low})' for name, low in MINIMA.items()
