@@ -37,7 +37,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     data = len(devices) // (fsdp * tensor)
   if data * fsdp * tensor != len(devices):
     raise ConfigError(f'mesh {data}x{fsdp}x{tensor} (data x fsdp x tensor) does not use all '
-                     f'{len(devices)} devices')
+                      f'{len(devices)} devices')
   # Auto axes: the XLA SPMD partitioner propagates shardings from the inputs (GSPMD).
   return jax.make_mesh((data, fsdp, tensor), MESH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)

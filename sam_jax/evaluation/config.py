@@ -83,10 +83,10 @@ def boxes_file(boxes: str, dataset: str) -> str:
   if '=' not in boxes:
     if not boxes:
       raise ConfigError('the instances protocol needs detector boxes: '
-                       '--config.instances.boxes=PATH (a COCO results JSON)')
+                        '--config.instances.boxes=PATH (a COCO results JSON)')
     return boxes
   files = dict(item.strip().rsplit('=', 1) for item in boxes.split(',') if item.strip())
   if dataset not in files:
     raise ConfigError(f'config.instances.boxes names no boxes for {dataset} '
-                     f'(it has {sorted(files)})')
+                      f'(it has {sorted(files)})')
   return files[dataset]

@@ -166,5 +166,5 @@ def paper_config(model: str, arg: str = '') -> ml_collections.ConfigDict:
   elif arg:
     pods = [p for m, p in POD_LAYOUTS if m == model]
     raise ConfigError(f'unknown config argument {arg!r} (expected "", "cpu" or a slice of '
-                     f'{pods})')
+                      f'{pods})')
   return c

@@ -47,7 +47,7 @@ def model_config(config: ml_collections.ConfigDict) -> SamConfig:
                                        attention=config.get('attention', 'auto'))
   if cfg.image_size != config.data.image_size:
     raise ConfigError(f'config.data.image_size {config.data.image_size} differs from the model\'s '
-                     f'input size {cfg.image_size} ({config.model})')
+                      f'input size {cfg.image_size} ({config.model})')
   return cfg
 
 
@@ -67,7 +67,7 @@ def input_config(config: ml_collections.ConfigDict, eval_split: bool = False,
 def per_process_batch(global_batch: int, num_processes: int) -> int:
   if global_batch % num_processes:
     raise ConfigError(f'config.global_batch_size {global_batch} is not divisible by the '
-                     f'{num_processes} processes')
+                      f'{num_processes} processes')
   return global_batch // num_processes
 
 
@@ -295,8 +295,8 @@ def check_batch(images: int, config: ml_collections.ConfigDict, mesh) -> None:
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   if k < 1 or images % k or (images // k) % shards:
     raise ConfigError(f'a global batch of {images} images in {k} microbatch(es) does not split '
-                     f'over data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} devices: '
-                     f'images / microbatches must be a multiple of {shards}')
+                      f'over data x fsdp = {mesh.shape["data"]} x {mesh.shape["fsdp"]} devices: '
+                      f'images / microbatches must be a multiple of {shards}')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
