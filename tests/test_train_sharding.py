@@ -35,16 +35,6 @@ MAX_FRACTION_OFF = 1e-3      # elements outside PARAM_RTOL / PARAM_ATOL
 PARAM_ATOL_ALL = 5e-4        # no element off by more than a quarter of one step's lr
 
 
-def load_config(arg: str = 'smoke'):
-  import importlib.util
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs',
-                      'tiny.py')
-  spec = importlib.util.spec_from_file_location('tiny_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 def check_train_step_sharded(data_dir: str) -> None:
   import jax
 
@@ -52,11 +42,12 @@ def check_train_step_sharded(data_dir: str) -> None:
   from sam_jax.data.pipeline import InputPipeline
   from sam_jax.sharding import make_mesh
   from sam_jax.training import config as train_config, loop
+  from test_compile_only import load_config
 
   assert len(jax.devices()) == 8, jax.devices()
   build.build('synthetic_shapes', data_dir, config='t', image_size=64, num_train=8 * NUM_STEPS,
               num_validation=1, seed=3)
-  config = load_config('smoke')
+  config = load_config('tiny.py', 'smoke')
   config.data.dataset = 'synthetic_shapes/t'
   config.data.data_dir = data_dir
   config.data.batch_size = 8          # divisible by every data x fsdp below
