@@ -78,5 +78,6 @@ def click_iou_after(steps: int, tie: float, n: int = 16, seed: int = 0) -> float
 
 
 def test_tied_cross_attention_follows_a_click_sooner():
-  default, tied = click_iou_after(150, 0.0), click_iou_after(150, 3.0)
-  assert default < 0.1 and tied > 0.4, (default, tied)
+  # Measured after 100 steps: IoU 0.0 untied, 0.46 tied (0.57 with seed 1); 0.67 tied after 150.
+  default, tied = click_iou_after(100, 0.0), click_iou_after(100, 3.0)
+  assert default < 0.1 and tied > 0.3, (default, tied)
