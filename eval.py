@@ -45,20 +45,20 @@ log = logging.getLogger('sam_jax.eval')
 def load_model(config) -> tuple[Any, dict[str, Any]]:
   """(Sam, a description for the report) from ``config.model`` / ``config.checkpoint``."""
   from sam_jax.build_sam import build_sam
-  from sam_jax.checkpoints import orbax_io
-  from sam_jax.errors import ConfigError
+  from sam_jax.checkpoints import existing, orbax_io
   from sam_jax.modeling.config import variant_name
   checkpoint = config.checkpoint or None
   variant: Any = config.model
-  if checkpoint and not pathlib.Path(checkpoint).exists():
-    raise FileNotFoundError(f'checkpoint {checkpoint} does not exist')
+  if checkpoint:
+    existing(checkpoint)  # said before "name the model", which a missing file would get instead
   if not variant:
     if checkpoint and orbax_io.is_orbax_checkpoint(pathlib.Path(checkpoint)):
       variant = orbax_io.read_config(checkpoint)
     else:
-      raise ConfigError('name the model (--config.model=vit_h, or configs/eval/NAME.py:vit_h): '
-                        f'{checkpoint or "random weights"} does not record it (only orbax '
-                        'directories and training workdirs do)')
+      raise errors.ConfigError(
+          'name the model (--config.model=vit_h, or configs/eval/NAME.py:vit_h): '
+          f'{checkpoint or "random weights"} does not record it (only orbax directories and '
+          'training workdirs do)')
   if checkpoint is None:
     log.warning('no --config.checkpoint: evaluating RANDOM weights (seed %d)', config.seed)
   model = build_sam(variant, checkpoint, seed=config.seed, dtype=config.model_dtype)

@@ -13,7 +13,7 @@ from sam_jax.checkpoints import official, orbax_io
 from sam_jax.checkpoints.official import CheckpointError
 from sam_jax.modeling.config import SamConfig
 
-__all__ = ['CheckpointError', 'load_state', 'read_torch']
+__all__ = ['CheckpointError', 'existing', 'load_state', 'read_torch']
 
 
 def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -53,11 +53,17 @@ def read_state_dict(path: Path, cfg: SamConfig) -> dict[str, np.ndarray]:
                         'written by sam_jax.convert')
 
 
-def load_state(path: str | os.PathLike, cfg: SamConfig, abstract_state: nnx.State) -> nnx.State:
-  """Parameters for a model of configuration ``cfg`` from any supported checkpoint form."""
+def existing(path: str | os.PathLike) -> Path:
+  """``path`` as a Path; a FileNotFoundError naming it when nothing is there."""
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f'checkpoint {path} does not exist')
+  return path
+
+
+def load_state(path: str | os.PathLike, cfg: SamConfig, abstract_state: nnx.State) -> nnx.State:
+  """Parameters for a model of configuration ``cfg`` from any supported checkpoint form."""
+  path = existing(path)
   if orbax_io.is_orbax_checkpoint(path):  # restored as numpy: onto the device once, here, or
     # every jitted call would copy the parameters again
     return jax.tree.map(jnp.asarray, orbax_io.load(path, cfg, abstract_state))
