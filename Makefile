@@ -39,9 +39,11 @@ demo: setup
 
 # Two pytest-xdist workers, a test file each at a time (module fixtures run once): the suite is
 # mostly single-threaded XLA compiles, which a second worker overlaps (TEST_WORKERS=0: serial).
+# Files go out in collection order, the longest first (tests/conftest.py).
 TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 --nbmake tests notebooks \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 \
+		--nbmake tests notebooks \
 		$(PYTEST_ARGS)
 
 # A fresh venv each time, no constraints: a release inside the ranges that breaks us fails here.

@@ -16,6 +16,20 @@ import torchvision_shim  # noqa: E402
 
 torchvision_shim.install()
 
+# The longest modules first (make test's durations, longest first): pytest-xdist gives a worker a
+# whole module at a time (--dist loadfile, in collection order with --no-loadscope-reorder), and a
+# long one handed out last leaves the other worker idle for minutes.
+SLOW_MODULES = ('test_train_resume.py', 'test_compile_only.py', 'test_train_sharding.py',
+                'test_train_multihost.py', 'test_parity.py', 'test_training_losses.py',
+                'test_automatic_mask_generator.py', 'test_attention_paths.py',
+                'test_eval_parallel.py', 'test_scratch_init.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_MODULES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
+
+
 PARITY_REPORT: list[str] = []  # lines added by parity tests, printed in the terminal summary
 _REPORTED: list[str] = []      # the lines, as they came back in the tests' reports
 

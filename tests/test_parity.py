@@ -2,13 +2,15 @@
 
 Every tensor of the official model is randomised (relative-position tables and pos_embed included),
 saved as .pth and loaded by both. vit_tiny runs at 256 px for speed; vit_b at 1024 is the full-size
-check (marked slow, still part of the suite). Images are non-square, of several aspect ratios.
+check, from a transformers directory and a .pth of the same weights (marked slow, still part of
+the suite). Images are non-square, of several aspect ratios.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import skimage.data
+from flax import nnx
 
 from conftest import PARITY_REPORT
 from official_reference import official_sam, save_pth, to_numpy
@@ -53,11 +55,6 @@ class Pair:
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
   return Pair('vit_tiny', tmp_path_factory)
-
-
-@pytest.fixture(scope='module')
-def vit_b(tmp_path_factory):
-  return Pair('vit_b', tmp_path_factory)
 
 
 def compare(tag, ours, theirs, *, logits_rtol=1e-3, iou_atol=1e-4, agree=0.999):
@@ -166,21 +163,12 @@ def test_tiny_modules_match_official(tiny):
 
 
 @pytest.mark.slow
-def test_vit_b_predictor_matches_official(vit_b):
-  """Full-size vit_b at 1024, every prompt kind, on the portrait photo (the HF test below takes
-  the landscape one; vit_tiny above covers all three aspect ratios, each encoder run at 1024
-  costs ~25 s of CPU)."""
-  image = photos()['portrait']
-  ours, theirs = run_predictors(vit_b, image)
-  check_image_embedding(f'vit_b portrait {image.shape[:2]}', ours, theirs)
-  check_all_prompts('vit_b portrait', ours, theirs, image)
-
-
-@pytest.mark.slow
-def test_vit_b_hf_checkpoint_matches_official_and_transformers(tmp_path):
-  """A random vit_b-sized transformers SamModel saved with save_pretrained, loaded by us from its
-  directory (no PyTorch on our side), against the official predictor on the same weights and
-  against transformers' own image embeddings and masks."""
+def test_vit_b_checkpoints_match_official_and_transformers(tmp_path):
+  """Full-size vit_b at 1024: a random transformers SamModel saved with save_pretrained and the
+  same weights as an official .pth give us the same model (the HF directory read with no PyTorch
+  on our side), which matches the official predictor on every prompt kind and transformers' own
+  masks. (One photo: each encoder run at 1024 costs ~25 s of CPU; vit_tiny above covers all three
+  aspect ratios.)"""
   from test_hf_checkpoint import _randomise
   from transformers import SamConfig as HFSamConfig
   from transformers import SamModel
@@ -189,13 +177,19 @@ def test_vit_b_hf_checkpoint_matches_official_and_transformers(tmp_path):
   # Official decoder LayerNorms use eps 1e-5; HF's config default is 1e-6 (not a weight).
   model = SamModel(HFSamConfig(mask_decoder_config=dict(layer_norm_eps=1e-5))).eval()
   _randomise(model)
-  model.save_pretrained(tmp_path)
+  model.save_pretrained(tmp_path / 'hf')
   pair = Pair.__new__(Pair)
   pair.name, pair.cfg = 'vit_b', VARIANTS['vit_b']
-  pair.ours = sam_model_registry['vit_b'](checkpoint=tmp_path)
   pair.ref = official_sam(pair.cfg)
   pair.ref.load_state_dict({k: torch.from_numpy(v) for k, v in
-                            hf.hf_to_official(hf.read_safetensors(tmp_path)).items()})
+                            hf.hf_to_official(hf.read_safetensors(tmp_path / 'hf')).items()})
+  pair.ours = sam_model_registry['vit_b'](checkpoint=tmp_path / 'hf')
+  from_pth = sam_model_registry['vit_b'](checkpoint=save_pth(pair.ref, tmp_path / 'vit_b.pth'))
+  a, b = nnx.to_flat_state(nnx.state(pair.ours)), nnx.to_flat_state(nnx.state(from_pth))
+  assert [path for path, _ in a] == [path for path, _ in b] and len(a) > 100
+  for (path, x), (_, y) in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()),
+                                  err_msg=str(path))
   image = photos()['landscape']
   ours, theirs = run_predictors(pair, image)
   check_image_embedding('vit_b HF checkpoint landscape', ours, theirs)
