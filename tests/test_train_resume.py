@@ -1,8 +1,8 @@
 """train.py end to end, as a user runs it: killed mid-step or mid-save it resumes to the very same
 parameters (bitwise, on CPU) as an uninterrupted run; a non-finite loss stops the run (exit code 3)
 keeping a finite checkpoint, or is skipped; a decoder-only run leaves the encoder untouched and
-keeps no optimizer state for it; a training workdir loads in the inference API; a finished run is
-evaluated again without training.
+keeps no optimizer state for it; a training workdir loads in the inference API; the metrics reach
+TensorBoard; a finished run is evaluated again without training.
 
 Every run is a `python train.py` subprocess on a tiny synthetic dataset (vit_tiny, 2 images x 4
 masks, 3 prompt rounds, 6 steps). Compiling the train step dominates (about a minute of CPU per
@@ -355,6 +355,28 @@ def test_training_workdir_loads_in_the_inference_api(reference):
                                       point_labels=np.array([1]))
   assert masks.shape == (3, 120, 200) and masks.dtype == bool
   assert iou.shape == (3,) and np.isfinite(iou).all() and np.isfinite(low).all()
+
+
+def test_metrics_reach_tensorboard(reference):
+  """Every scalar of summary.json's history is in the TensorBoard event files at its step, and so
+  is the held-out mIoU, as TensorBoard's own reader reads them."""
+  from tensorboard.backend.event_processing import event_accumulator
+  workdir, _ = reference
+  summary = json.loads((workdir / 'summary.json').read_text())
+  events = event_accumulator.EventAccumulator(str(workdir / 'tensorboard'),
+                                              size_guidance={event_accumulator.SCALARS: 0})
+  events.Reload()
+  logged = {tag: {e.step: e.value for e in events.Scalars(tag)}
+            for tag in events.Tags()['scalars']}
+  assert [h['step'] for h in summary['history']] == list(range(1, STEPS + 1))
+  for h in summary['history']:  # (rounded to 5 decimals there, float32 here)
+    for k, v in h.items():
+      if k != 'step':
+        assert logged[k][h['step']] == pytest.approx(v, rel=1e-6, abs=1e-5), (k, h['step'])
+  assert {'loss', 'grad_norm', 'learning_rate', 'images_per_s', 'mfu',
+          'round_00/iou_confident'} <= logged.keys()
+  assert logged['eval/miou_1_points'][STEPS] == pytest.approx(summary['eval']['miou'][0],
+                                                              abs=1e-4)
 
 
 def test_a_finished_run_is_evaluated_again_without_training(env, reference):
