@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import skimage.data
-from flax import nnx
 
 from conftest import PARITY_REPORT
 from official_reference import official_sam, save_pth, to_numpy
@@ -170,6 +169,7 @@ def test_vit_b_checkpoints_match_official_and_transformers(tmp_path):
   masks. (One photo: each encoder run at 1024 costs ~25 s of CPU; vit_tiny above covers all three
   aspect ratios.)"""
   from test_hf_checkpoint import _randomise
+  from test_train_resume import assert_same_tree, model_params
   from transformers import SamConfig as HFSamConfig
   from transformers import SamModel
 
@@ -185,11 +185,9 @@ def test_vit_b_checkpoints_match_official_and_transformers(tmp_path):
                             hf.hf_to_official(hf.read_safetensors(tmp_path / 'hf')).items()})
   pair.ours = sam_model_registry['vit_b'](checkpoint=tmp_path / 'hf')
   from_pth = sam_model_registry['vit_b'](checkpoint=save_pth(pair.ref, tmp_path / 'vit_b.pth'))
-  a, b = nnx.to_flat_state(nnx.state(pair.ours)), nnx.to_flat_state(nnx.state(from_pth))
-  assert [path for path, _ in a] == [path for path, _ in b] and len(a) > 100
-  for (path, x), (_, y) in zip(a, b):
-    np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()),
-                                  err_msg=str(path))
+  from_hf = model_params(pair.ours)
+  assert len(from_hf) > 100
+  assert_same_tree(model_params(from_pth), from_hf)
   image = photos()['landscape']
   ours, theirs = run_predictors(pair, image)
   check_image_embedding('vit_b HF checkpoint landscape', ours, theirs)
