@@ -330,7 +330,9 @@ def _tiny_case(seed, **config):
 
 def test_grouping_loss_enters_the_train_step():
   """With ``grouping_loss_weight`` w the step's loss is the rounds' mean plus w x the mean over
-  valid masks of ``grouping_loss`` of the encoder's embedding, reported as 'grouping_loss'."""
+  valid masks of ``grouping_loss`` of the encoder's embedding, reported as 'grouping_loss'.
+  The same compiled step then checks the 'finite' flag on the updated parameters: an update to inf
+  is caught while the loss is still finite, huge but finite parameters are not."""
   import optax
 
   from sam_jax.training import train_step
@@ -340,11 +342,22 @@ def test_grouping_loss_enters_the_train_step():
   graphdef, params, frozen = train_step.split_model(model, 'all')
   batch['mask_valid'][0, 2] = False     # an unused slot: left out of the mean
   valid = batch['mask_valid']
-  tx = optax.sgd(0.0)
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0)  # the rate: an input of the step
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'frozen': frozen,
            'opt_state': tx.init(params), 'rng': jax.random.PRNGKey(0)}
   step = jax.jit(train_step.make_train_step(graphdef, config, tx, optax.constant_schedule(0.0)))
   _, metrics = step(state, batch)
+  assert bool(metrics['finite'])
+
+  def at_rate(rate):
+    opt_state = state['opt_state']
+    hyper = dict(opt_state.hyperparams, learning_rate=jnp.float32(rate))
+    return step(dict(state, opt_state=opt_state._replace(hyperparams=hyper)), batch)[1]
+
+  huge, overflow = at_rate(1e30), at_rate(np.inf)
+  assert np.isfinite(float(huge['loss'])) and np.isfinite(float(overflow['loss']))
+  assert bool(huge['finite']) and float(huge['param_norm']) == np.inf  # squares overflow
+  assert not bool(overflow['finite'])
 
   emb = model.image_encoder(train_step.prepare_images(jnp.asarray(batch['image'])))
   expected = np.asarray(losses.grouping_loss(emb, jnp.asarray(batch['masks'])))[valid].mean()

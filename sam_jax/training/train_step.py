@@ -184,17 +184,20 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     grad_norm = optax.global_norm(grads)
-    # The new parameters too: an update can overflow while the loss is still finite.
-    # (an all-finite check, not the norm, which overflows for large but finite parameters)
-    params_finite = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in jax.tree.leaves(params)]))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
+    # The new parameters too: an update can overflow while the loss is still finite. One pass per
+    # leaf gives both the norm and the check: NaN where an element is not finite (a sum of
+    # squares of large but finite parameters overflows to inf, not NaN).
+    param_sq = sum(jnp.sum(jnp.where(jnp.isfinite(p), jnp.square(p), jnp.nan))
+                   for p in jax.tree.leaves(params))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~jnp.isnan(param_sq)
     if config.on_nonfinite == 'skip':  # keep the old parameters and optimizer state
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
       params, opt_state = keep(params, state['params']), keep(opt_state, state['opt_state'])
+      param_sq = sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))  # of those kept
     accum = config.optimizer.get('grad_accum_steps', 1)
     metrics = {
         'loss': loss, 'finite': finite, 'grad_norm': grad_norm,
-        'update_norm': optax.global_norm(updates), 'param_norm': optax.global_norm(params),
+        'update_norm': optax.global_norm(updates), 'param_norm': jnp.sqrt(param_sq),
         'learning_rate': schedule(step // accum),
         'masks': batch['mask_valid'].sum(), 'images': (batch['image_id'] >= 0).sum(),
         **{f'round/{name}': v for name, v in per_round.items()}, **extra,
