@@ -2,6 +2,8 @@
 click sooner (the plateau they exist to shorten)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from flax import nnx
 from sam_jax.modeling.config import VARIANTS
 from sam_jax.modeling.sam import Sam
 from sam_jax.training import losses, scratch_init
+from test_training_losses import FAST_COMPILE
 
 CFG = VARIANTS['vit_tiny']
 
@@ -64,7 +67,7 @@ def click_iou_after(steps: int, tie: float, n: int = 16, seed: int = 0) -> float
     out = losses.sam_loss(logits, iou, d2 < (8 * size / low) ** 2, allowed)
     return out['loss'].mean(), out['iou'].mean()
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def step(params, opt, key):
     (_, iou), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, key)
     updates, opt = tx.update(grads, opt, params)

@@ -9,6 +9,9 @@ from sam_jax.training import losses
 ALPHA, GAMMA = 0.25, 2.0
 
 # Jitted once per shape (eager dispatch compiles every primitive separately, which is slower).
+# For the tests that compile a train step or its rounds: no LLVM optimisation of the generated
+# kernels (they compile ~1.5x faster on CPU; the subprocess tests set the same XLA flag).
+FAST_COMPILE = {'xla_backend_optimization_level': 0}
 focal_fn = jax.jit(losses.sigmoid_focal_loss, static_argnums=(2, 3))
 sam_loss_fn = jax.jit(losses.sam_loss)  # the weights are traced, so one compile serves all
 
@@ -345,7 +348,8 @@ def test_grouping_loss_enters_the_train_step():
   tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.0)  # the rate: an input of the step
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'frozen': frozen,
            'opt_state': tx.init(params), 'rng': jax.random.PRNGKey(0)}
-  step = jax.jit(train_step.make_train_step(graphdef, config, tx, optax.constant_schedule(0.0)))
+  step = jax.jit(train_step.make_train_step(graphdef, config, tx, optax.constant_schedule(0.0)),
+                 compiler_options=FAST_COMPILE)
   _, metrics = step(state, batch)
   assert bool(metrics['finite'])
 
@@ -386,7 +390,8 @@ def test_decoder_mask_chunks_give_the_same_losses_and_gradients():
                                       jax.random.key(3), config, train=True)
       return out['loss'].mean(), out
 
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                             compiler_options=FAST_COMPILE)(params)
     return out, grads
 
   ref, ref_grads = run(0, False)
@@ -410,7 +415,7 @@ def test_point_every_round_adds_a_point_in_every_training_round():
   model, batch, config = _tiny_case(2, num_rounds=2, point_every_round=True)
   batch = jax.tree.map(jnp.asarray, batch)
   out = jax.jit(lambda: train_step.forward_rounds(model, batch, jax.random.key(0), config,
-                                                   train=True))()
+                                                   train=True), compiler_options=FAST_COMPILE)()
   points = np.asarray(out['num_points'])  # (2 rounds, 6 masks)
   np.testing.assert_array_equal(points[0], np.tile([1, 0, 1], 2))  # a point, a box, a point
   np.testing.assert_array_equal(points[1], points[0] + 1)  # random weights: every mask has errors
