@@ -8,10 +8,10 @@ from sam_jax.training import losses
 
 ALPHA, GAMMA = 0.25, 2.0
 
-# Jitted once per shape (eager dispatch compiles every primitive separately, which is slower).
 # For the tests that compile a train step or its rounds: no LLVM optimisation of the generated
 # kernels (they compile ~1.5x faster on CPU; the subprocess tests set the same XLA flag).
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
+# Jitted once per shape (eager dispatch compiles every primitive separately, which is slower).
 focal_fn = jax.jit(losses.sigmoid_focal_loss, static_argnums=(2, 3))
 sam_loss_fn = jax.jit(losses.sam_loss)  # the weights are traced, so one compile serves all
 
