@@ -296,7 +296,8 @@ def test_killed_during_an_async_save_resumes_from_the_last_complete_checkpoint(
 def test_nonfinite_loss_stops_with_exit_code_3_keeping_a_finite_checkpoint(env, background):
   rc, out = background.result('nan_stop')
   assert rc == 3, out[-3000:]
-  m = re.search(r'error: non-finite loss .* at step (\d+)', out)
+  m = re.search(r'error: non-finite loss .*, gradient norm .* or updated parameters .* at step (\d+)',
+                out)
   assert m, out[-3000:]
   bad_step = int(m.group(1))
   workdir = env.root / 'nan_stop'

@@ -37,7 +37,8 @@ log = logging.getLogger('sam_jax.train')
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss or the gradients became NaN / inf (``config.on_nonfinite='stop'``)."""
+  """The loss, the gradients or the updated parameters became NaN / inf
+  (``config.on_nonfinite='stop'``)."""
 
 
 def model_config(config: ml_collections.ConfigDict) -> SamConfig:
@@ -363,8 +364,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       if not m['finite']:
         if config.on_nonfinite == 'stop':
           raise NonFiniteLossError(
-              f'non-finite loss ({float(m["loss"])}) or gradient norm ({float(m["grad_norm"])}) '
-              f'at step {step}; the last good checkpoint is kept in {workdir}')
+              f'non-finite loss ({float(m["loss"])}), gradient norm ({float(m["grad_norm"])}) '
+              f'or updated parameters (norm {float(m["param_norm"])}) at step {step}; the last '
+              f'good checkpoint is kept in {workdir}')
         log.warning('step %d: non-finite loss, update skipped', step)
       window.append(m)
       bar.update(1)
