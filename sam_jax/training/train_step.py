@@ -190,14 +190,15 @@ def make_train_step(graphdef, config: ml_collections.ConfigDict, tx: optax.Gradi
     param_sq = sum(jnp.sum(jnp.where(jnp.isfinite(p), jnp.square(p), jnp.nan))
                    for p in jax.tree.leaves(params))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~jnp.isnan(param_sq)
+    param_norm = jnp.sqrt(param_sq)
     if config.on_nonfinite == 'skip':  # keep the old parameters and optimizer state
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
       params, opt_state = keep(params, state['params']), keep(opt_state, state['opt_state'])
-      param_sq = sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))  # of those kept
+      param_norm = optax.global_norm(params)  # of those kept
     accum = config.optimizer.get('grad_accum_steps', 1)
     metrics = {
         'loss': loss, 'finite': finite, 'grad_norm': grad_norm,
-        'update_norm': optax.global_norm(updates), 'param_norm': jnp.sqrt(param_sq),
+        'update_norm': optax.global_norm(updates), 'param_norm': param_norm,
         'learning_rate': schedule(step // accum),
         'masks': batch['mask_valid'].sum(), 'images': (batch['image_id'] >= 0).sum(),
         **{f'round/{name}': v for name, v in per_round.items()}, **extra,
