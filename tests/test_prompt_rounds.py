@@ -290,13 +290,13 @@ def _sim_case():
 
 @functools.lru_cache(maxsize=None)
 def _sim_fn(every, num_rounds, remat):
-  """A jitted simulate with the fake decoder (compiled once per setting); the list records, at
-  trace time, whether each decode call got mask_input None."""
+  """A jitted simulate with the fake decoder (compiled once per setting); the list records its
+  calls at trace time (one: every round is in the scan)."""
   calls = []
 
-  def decode(c, l, m, k):
-    calls.append(m is None)
-    return fake_decode(c, l, m, jnp)
+  def decode(c, l, m, given, k):
+    calls.append(m.shape)
+    return fake_decode(c, l, jnp.where(given, m, -1.0), jnp)  # (None in round 0: -1)
 
   return jax.jit(functools.partial(pr.simulate, decode, image_size=SIMG, num_rounds=num_rounds,
                                    remat=remat, every_round_adds_point=every)), calls
@@ -375,8 +375,9 @@ def test_simulate_training_schedule(seed):
   n = case[2].shape[0]
   for k in KEYS:
     assert out[k].shape == (r, n), k
-  # Round 0 (outside the scan) gets no mask input; the rounds of the scan get one.
-  assert calls[0] is True and calls[1:] and not any(calls[1:])
+  # One decoder in the program, for every round (round 0 without a mask input: _replay checks
+  # what each round received).
+  assert calls == [(n, SL, SL)]
   fl = _replay(out, case, r, every=False)
   added = (fl[:, 2:] != PAD_LABEL)  # (N, R - 1): slot r + 1 <-> round r
   assert not added[:, -1].any()  # round R - 1 adds nothing
@@ -429,9 +430,9 @@ def test_simulate_no_gradient_between_rounds():
   coords, labels, targets, region = _sim_case()
 
   def losses_of(w):
-    def decode(c, l, m, k):
-      logits, iou = fake_decode(c, l, m, jnp)
-      return (logits * w if m is None else logits), iou
+    def decode(c, l, m, given, k):
+      logits, iou = fake_decode(c, l, jnp.where(given, m, -1.0), jnp)
+      return jnp.where(given, logits, logits * w), iou
 
     out = pr.simulate(decode, jax.random.PRNGKey(0), jnp.asarray(coords), jnp.asarray(labels),
                       jnp.asarray(targets), jnp.asarray(region), image_size=SIMG, num_rounds=3)

@@ -94,16 +94,20 @@ class PromptEncoder(nnx.Module):
     """(B, 4g, 4g, 1) mask logits -> (B, g, g, C)."""
     return run_sequential(self.mask_downscaling, masks)
 
-  def __call__(self, coords: jax.Array, labels: jax.Array,
-               masks: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, coords: jax.Array, labels: jax.Array, masks: jax.Array | None = None,
+               mask_given: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Returns sparse (B, N, C) and dense (B, g, g, C) embeddings.
 
     masks: (B, 4g, 4g, 1) logits, or None for ``no_mask_embed`` (as the official ``masks=None``).
+    mask_given: optional bool, a traced scalar or (B,): where False, ``no_mask_embed`` as if
+    ``masks`` were None (one program for rounds with and without a mask prompt).
     """
     sparse = self.embed_points(coords, labels)
-    if masks is None:
-      dense = jnp.broadcast_to(self.no_mask_embed.weight[0],
+    no_mask = jnp.broadcast_to(self.no_mask_embed.weight[0],
                                (coords.shape[0], *self.image_embedding_size, self.embed_dim))
-    else:
-      dense = self.embed_masks(masks).astype(jnp.float32)
+    if masks is None:
+      return sparse, no_mask
+    dense = self.embed_masks(masks).astype(jnp.float32)
+    if mask_given is not None:
+      dense = jnp.where(jnp.reshape(mask_given, (-1, 1, 1, 1)), dense, no_mask)
     return sparse, dense

@@ -35,15 +35,16 @@ class Sam(nnx.Module):
     return self.image_encoder(images)
 
   def decode(self, image_embeddings, coords, labels, mask_input=None, *,
-             multimask_output: bool | str, image_pe=None, drop=None):
+             multimask_output: bool | str, image_pe=None, drop=None, mask_given=None):
     """Low-res mask logits (B, C, 4g, 4g) and IoU predictions (B, C) (C = 3, 1, or 4 for 'all').
 
     image_embeddings (1 or B, g, g, C); coords (B, N, 2) in the input frame; labels (B, N) (see
     ``prompt_encoder``); mask_input (B, 4g, 4g) logits or None; image_pe: the prompt encoder's
-    ``get_dense_pe()``, recomputed when None; drop: (key, rate) for decoder dropout in training.
+    ``get_dense_pe()``, recomputed when None; drop: (key, rate) for decoder dropout in training;
+    mask_given: bool, where False the mask input counts as None (``PromptEncoder``).
     """
     masks = None if mask_input is None else mask_input[..., None]
-    sparse, dense = self.prompt_encoder(coords, labels, masks)
+    sparse, dense = self.prompt_encoder(coords, labels, masks, mask_given)
     if image_pe is None:
       image_pe = self.prompt_encoder.get_dense_pe()
     return self.mask_decoder(image_embeddings, image_pe, sparse, dense, multimask_output,

@@ -28,9 +28,10 @@ from sam_jax.training import losses
 
 NUM_ROUNDS = 11
 
-# decode(coords (N, T, 2), labels (N, T), mask_input (N, L, L) | None, key) ->
-#   logits (N, 4, L, L), iou_pred (N, 4)
-DecodeFn = Callable[[jax.Array, jax.Array, jax.Array | None, jax.Array], tuple[jax.Array, jax.Array]]
+# decode(coords (N, T, 2), labels (N, T), mask_input (N, L, L), mask_given () bool, key) ->
+#   logits (N, 4, L, L), iou_pred (N, 4); mask_given False: no mask prompt (the official None)
+DecodeFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array],
+                    tuple[jax.Array, jax.Array]]
 
 
 def image_region(input_size: jax.Array, low_res: int, image_size: int) -> jax.Array:
@@ -117,7 +118,8 @@ def simulate(decode: DecodeFn, key: jax.Array, first_coords: jax.Array, first_la
   labels = jnp.full((n, t), PAD_LABEL, jnp.int32).at[:, :2].set(first_labels)
 
   def decode_round(r, coords, labels, mask_input):
-    logits, iou_pred = decode(coords, labels, mask_input, jax.random.fold_in(key_rounds, 2 * r))
+    logits, iou_pred = decode(coords, labels, mask_input, r > 0,
+                              jax.random.fold_in(key_rounds, 2 * r))
     allowed = allowed_outputs(labels)
     out = losses.sam_loss(logits, iou_pred, targets, allowed, **weights)
     out['num_points'] = ((labels == 0) | (labels == 1)).sum(axis=1)
@@ -125,25 +127,24 @@ def simulate(decode: DecodeFn, key: jax.Array, first_coords: jax.Array, first_la
     out['iou_confident'] = losses.mask_iou(fed_back, targets)
     return fed_back, out
 
-  first_round = jax.checkpoint(decode_round, static_argnums=0) if remat else decode_round
-  prev, first = first_round(0, coords, labels, None)
-
   def body(carry, xs):
     coords, labels, prev = carry
     r, adds = xs
+    # Round r > 0 fills prompt slot r + 1 (round 0 keeps its slots: the first prompt's).
     point, label = sample_error_points(jax.random.fold_in(key_rounds, 2 * r + 1), prev, targets,
                                        region, image_size)
-    label = jnp.where(adds, label, PAD_LABEL)
-    coords = coords.at[:, r + 1].set(jnp.where(adds[:, None], point, 0.0))
-    labels = labels.at[:, r + 1].set(label)
+    adds = adds & (r > 0)
+    coords = coords.at[:, r + 1].set(jnp.where(adds[:, None], point, coords[:, r + 1]))
+    labels = labels.at[:, r + 1].set(jnp.where(adds, label, labels[:, r + 1]))
     prev, out = decode_round(r, coords, labels, prev)
     return (coords, labels, prev), out
 
   if remat:
     body = jax.checkpoint(body)
-  rounds = jnp.arange(1, num_rounds)
-  (coords, labels, _), rest = jax.lax.scan(body, (coords, labels, prev),
-                                           (rounds, adds_point[1:]))
-  out = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), first, rest)
+  # Every round in one scan, round 0 included (no mask input there: decode's mask_given is
+  # False), so the decoder and its gradient are compiled once, not once more for round 0.
+  prev = jnp.zeros(targets.shape, jnp.float32)
+  (coords, labels, _), out = jax.lax.scan(body, (coords, labels, prev),
+                                          (jnp.arange(num_rounds), adds_point))
   out['coords'], out['labels'] = coords, labels
   return out

@@ -80,9 +80,9 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
   image_pe = model.prompt_encoder.get_dense_pe()
   rate = config.decoder_dropout if train else 0.0
 
-  def decode_masks(emb, coords, labels, mask_input, k):
+  def decode_masks(emb, coords, labels, mask_input, mask_given, k):
     return model.decode(emb, coords, labels, mask_input, multimask_output='all',
-                        image_pe=image_pe, drop=(k, rate) if rate else None)
+                        image_pe=image_pe, drop=(k, rate) if rate else None, mask_given=mask_given)
 
   n = b * m
   chunk = config.decoder_mask_chunk if train and config.decoder_mask_chunk else n
@@ -90,15 +90,16 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
     raise ConfigError(f'config.decoder_mask_chunk={chunk} must divide the {n} masks of a '
                       f'(micro)batch ({b} images x {m} masks)')
 
-  def decode(coords, labels, mask_input, k):
+  def decode(coords, labels, mask_input, mask_given, k):
     if chunk == n:
-      return decode_masks(emb, coords, labels, mask_input, k)
+      return decode_masks(emb, coords, labels, mask_input, mask_given, k)
     # (N, ...) -> (N / chunk, chunk, ...) as microbatches are split (every device keeps its share
     # of each chunk): one rematerialised decoder pass per chunk, so the backward pass holds one
     # chunk's activations at a time; dropout draws per chunk.
     c = n // chunk
     xs = split_microbatches((emb, coords, labels, mask_input), c)
-    outs = jax.lax.map(jax.checkpoint(lambda x: decode_masks(*x)), (*xs, jax.random.split(k, c)))
+    outs = jax.lax.map(jax.checkpoint(lambda x: decode_masks(*x[:4], mask_given, x[4])),
+                       (*xs, jax.random.split(k, c)))
     # (c, chunk, ...) -> (N, ...): the inverse of the split, mask j back at row j
     return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(n, *a.shape[2:]), outs)
 
