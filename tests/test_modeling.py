@@ -1,4 +1,5 @@
-"""Model internals: chunked global attention, block grouping, the torch bilinear matrices."""
+"""Model internals: chunked global attention, block grouping, the torch bilinear matrices, the
+prompt encoder's traced "no mask prompt" flag."""
 from __future__ import annotations
 
 import jax
@@ -39,6 +40,26 @@ def test_blocks_are_stacked_in_groups():
   assert enc.global_blocks.attn.rel_pos_h.shape == (4, 127, 64)
   assert enc.window_blocks.attn.qkv.kernel.get_metadata()['out_sharding'] == (
       'layers', 'sublayers', 'embed', 'qkv')
+
+
+def test_mask_given_false_is_no_mask_prompt():
+  """PromptEncoder(masks, mask_given=False) embeds as masks=None (the training rounds' scan runs
+  round 0 through the mask path with this flag); True, or per prompt, as the mask itself."""
+  from sam_jax.modeling.prompt_encoder import PromptEncoder
+  cfg = VARIANTS['vit_tiny']
+  enc = PromptEncoder(cfg, rngs=nnx.Rngs(0))
+  coords = jax.random.uniform(jax.random.key(1), (3, 2, 2)) * cfg.image_size
+  labels = jax.numpy.array([[1, -1], [2, 3], [0, 1]])
+  masks = jax.random.normal(jax.random.key(2), (3, 4 * cfg.grid_size, 4 * cfg.grid_size, 1))
+  sparse, none = enc(coords, labels)
+  _, with_mask = enc(coords, labels, masks)
+  assert not np.allclose(none, with_mask)
+  for given, want in ((False, none), (True, with_mask),
+                      (np.array([True, False, True]), np.stack([with_mask[0], none[1],
+                                                                with_mask[2]]))):
+    s, dense = jax.jit(enc)(coords, labels, masks, np.asarray(given))
+    np.testing.assert_array_equal(s, sparse)
+    np.testing.assert_allclose(dense, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize('n_in, n_out', [(256, 1024), (1024, 683), (64, 256), (683, 400), (5, 3)])
