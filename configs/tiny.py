@@ -44,7 +44,7 @@ def get_config(arg: str = ''):
   c.remat = 'none'
   # Recompute each prompt round's decoder in the backward pass: on this CPU that is faster than
   # keeping every round's activations through the rounds' scan (3 rounds: 0.56 against 0.80 s a
-  # step; 2 rounds: the same, 0.44 s) and its step compiles faster.
+  # step; 2 rounds: the same, 0.44 s).
   c.round_remat = True
   c.optimizer.learning_rate = 2e-3
   c.optimizer.warmup_steps = 100

@@ -80,7 +80,7 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
   image_pe = model.prompt_encoder.get_dense_pe()
   rate = config.decoder_dropout if train else 0.0
 
-  def decode_masks(emb, coords, labels, mask_input, mask_given, k):
+  def decode_masks(emb, coords, labels, mask_input, k, mask_given):
     return model.decode(emb, coords, labels, mask_input, multimask_output='all',
                         image_pe=image_pe, drop=(k, rate) if rate else None, mask_given=mask_given)
 
@@ -92,13 +92,13 @@ def forward_rounds(model, batch: dict[str, jax.Array], key: jax.Array,
 
   def decode(coords, labels, mask_input, mask_given, k):
     if chunk == n:
-      return decode_masks(emb, coords, labels, mask_input, mask_given, k)
+      return decode_masks(emb, coords, labels, mask_input, k, mask_given)
     # (N, ...) -> (N / chunk, chunk, ...) as microbatches are split (every device keeps its share
     # of each chunk): one rematerialised decoder pass per chunk, so the backward pass holds one
     # chunk's activations at a time; dropout draws per chunk.
     c = n // chunk
     xs = split_microbatches((emb, coords, labels, mask_input), c)
-    outs = jax.lax.map(jax.checkpoint(lambda x: decode_masks(*x[:4], mask_given, x[4])),
+    outs = jax.lax.map(jax.checkpoint(lambda x: decode_masks(*x, mask_given)),
                        (*xs, jax.random.split(k, c)))
     # (c, chunk, ...) -> (N, ...): the inverse of the split, mask j back at row j
     return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(n, *a.shape[2:]), outs)
