@@ -1,7 +1,8 @@
 """Train SAM: ``python train.py --config=configs/NAME.py[:arg] --workdir=DIR [--config.x=y ...]``.
 
 Resume order: the workdir's latest checkpoint, else ``--config.init_checkpoint`` (any form the
-model registry reads), else from scratch. Multi-host, one train.py per host:
+model registry reads), else from scratch. On one host, SIGTERM or Ctrl-C saves the step under way
+and stops (exit status 128 + the signal: 143, 130). Multi-host, one train.py per host:
 ``jax.distributed.initialize()`` runs with ``--distributed`` (JAX finds the cluster: TPU VM pods,
 SLURM, Open MPI, Kubernetes), when the environment names one (SLURM_JOB_ID, TPU_WORKER_HOSTNAMES,
 OMPI_COMM_WORLD_SIZE, or JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID), or
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from absl import app, flags
@@ -64,13 +66,16 @@ def main(argv):
   if not FLAGS.workdir:
     raise app.UsageError('--workdir is required (except with --compile_only)')
   distributed.initialize_from_flags()
-  from sam_jax.training.loop import NonFiniteLossError, train_and_evaluate
+  from sam_jax.training.loop import NonFiniteLossError, Stopped, train_and_evaluate
   try:
     with errors.exit_on_user_error():
       summary = train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except NonFiniteLossError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(3)
+  except Stopped as e:  # the shell's status for a process ended by that signal (143: SIGTERM)
+    print(f'stopped: {e}', file=sys.stderr)
+    sys.exit(128 + signal.Signals[e.signal])
   import jax
   if jax.process_index() == 0:
     miou = summary['eval']['miou']

@@ -1,5 +1,6 @@
 """train.py end to end, as a user runs it: killed mid-step or mid-save it resumes to the very same
-parameters (bitwise, on CPU) as an uninterrupted run; a non-finite loss stops the run (exit code 3)
+parameters (bitwise, on CPU) as an uninterrupted run; stopped by SIGTERM it first saves the step
+under way, and resumes the same; a non-finite loss stops the run (exit code 3)
 keeping a finite checkpoint, or is skipped; a decoder-only run leaves the encoder untouched and
 keeps no optimizer state for it; a training workdir loads in the inference API; the metrics reach
 TensorBoard; a finished run is evaluated again without training.
@@ -291,6 +292,46 @@ def test_killed_during_an_async_save_resumes_from_the_last_complete_checkpoint(
   step, state = read_state(workdir)
   assert step == STEPS
   assert_same_tree(state, ref_state)
+
+
+def test_sigterm_saves_the_step_under_way_and_resumes_to_the_same_parameters(
+    env, reference, tmp_path):
+  """A single host's preemption notice (SIGTERM): train.py saves the step under way, though no
+  checkpoint is due, and ends with the status of that signal; the same command resumes to the
+  uninterrupted run's parameters."""
+  _, ref_state = reference
+  workdir = tmp_path / 'run'
+  rarely = f'--config.checkpoint_every_steps={10 * STEPS}'  # only the last step's save is due
+  p = env.launch(workdir, rarely)
+  wait_for(lambda: steps_done(workdir) >= 2, p)
+  p.send_signal(signal.SIGTERM)
+  assert p.wait(timeout=RUN_TIMEOUT) == 128 + signal.SIGTERM
+  done = committed_steps(workdir)
+  assert len(done) == 1 and 2 <= done[0] < STEPS, done
+  out = log_path(workdir).read_text(errors='replace')
+  assert f'stopped: SIGTERM after step {done[0]} of {STEPS}' in out, out[-3000:]
+  rc, out = env.train(workdir, rarely)
+  assert rc == 0, out[-3000:]
+  assert re.search(rf'resumed from \S+ at step {done[0]}\b', out), out[-3000:]
+  step, state = read_state(workdir)
+  assert step == STEPS
+  assert_same_tree(state, ref_state)
+
+
+def test_a_second_signal_stops_at_once():
+  """The first SIGINT (Ctrl-C) is only noted, for the loop to save and stop; the second one raises
+  KeyboardInterrupt as Python's own handler does; the handler is put back afterwards."""
+  from sam_jax.training.checkpointing import StopSignals
+  before = signal.getsignal(signal.SIGINT)
+  stop = StopSignals((signal.SIGINT,))
+  try:
+    signal.raise_signal(signal.SIGINT)
+    assert stop.received == 'SIGINT'
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)
+  finally:
+    stop.restore()
+  assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_nonfinite_loss_stops_with_exit_code_3_keeping_a_finite_checkpoint(env, background):

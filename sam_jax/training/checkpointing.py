@@ -3,7 +3,8 @@
 Each step directory holds two items: ``state`` (the whole train state: step, trainable params,
 frozen rest, optimizer state, RNG) and ``data`` (the input pipeline's position, JSON). Saves are
 asynchronous (the arrays are copied to host before ``save`` returns, so the next step may donate
-them); a save is also made when the cluster announces a preemption (``reached_preemption``).
+them); a save is also made when the cluster announces a preemption (``reached_preemption``), or,
+on a single host, when the process gets SIGTERM or Ctrl-C (``StopSignals``).
 ``<workdir>/sam_config.json`` records the model configuration, so ``sam_model_registry[variant](
 checkpoint=workdir)`` loads the latest parameters, on one device, whatever mesh wrote them; so
 does ``load_model(workdir)``, also from gs:// (paths go through ``etils.epath``, as orbax's do).
@@ -11,7 +12,10 @@ does ``load_model(workdir)``, also from gs:// (paths go through ``etils.epath``,
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -23,6 +27,8 @@ from sam_jax.checkpoints import orbax_io
 from sam_jax.modeling.config import SamConfig
 
 CHECKPOINTS_DIR = 'checkpoints'
+
+log = logging.getLogger('sam_jax.train')
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
@@ -75,6 +81,35 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+class StopSignals:
+  """Catches ``signals`` from its creation until ``restore()``: the first sets ``received`` (its
+  name) for the training loop to save the step under way and end; a second one does what it
+  would have done before (SIGINT: KeyboardInterrupt; SIGTERM: the process ends). A single host's
+  preemption notice (a cloud VM's, Kubernetes', Slurm's time limit) is a SIGTERM. Only the main
+  thread can set handlers: elsewhere nothing is caught."""
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self.received, self._previous = None, {}
+    if threading.current_thread() is threading.main_thread():
+      for s in signals:
+        previous = signal.signal(s, self._handle)
+        # (None: a handler set outside Python, which cannot be put back; the default instead)
+        self._previous[s] = signal.SIG_DFL if previous is None else previous
+
+  def restore(self) -> None:
+    while self._previous:
+      signal.signal(*self._previous.popitem())
+
+  def _handle(self, signum: int, frame) -> None:
+    if self.received:
+      signal.signal(signum, self._previous.pop(signum))
+      signal.raise_signal(signum)
+      return
+    self.received = signal.Signals(signum).name
+    log.warning('%s: stopping once the step under way is saved (send it again to stop at once)',
+                self.received)
 
 
 def load_model_state(workdir: str | os.PathLike, abstract_state: nnx.State) -> nnx.State:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 from typing import Any
 
@@ -39,6 +40,14 @@ log = logging.getLogger('sam_jax.train')
 class NonFiniteLossError(RuntimeError):
   """The loss, the gradients or the updated parameters became NaN / inf
   (``config.on_nonfinite='stop'``)."""
+
+
+class Stopped(Exception):
+  """The run stopped on a signal (``checkpointing.StopSignals``) after saving its last step."""
+
+  def __init__(self, message: str, signal_name: str):
+    super().__init__(message)
+    self.signal = signal_name
 
 
 def model_config(config: ml_collections.ConfigDict) -> SamConfig:
@@ -354,9 +363,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   history = [h for h in (json.loads(summary_path.read_text())['history']
                          if summary_path.exists() else []) if h['step'] <= start]
   window, window_start = [], time.perf_counter()
-  step = start
+  step = saved = start
+
+  def save():
+    nonlocal saved
+    ckpt.save(step, state, pipe.get_state())
+    saved = step
+    if is_main:  # the history so far, for a resumed run to continue
+      summary_path.write_text(json.dumps({'steps': step, 'history': history}, indent=1))
+
+  # One host stops on SIGTERM / Ctrl-C once the step under way is saved; a multi-host job leaves
+  # SIGTERM to JAX's preemption service (ckpt.should_save: every host saves the same step).
+  stop = checkpointing.StopSignals(() if jax.distributed.is_initialized() else
+                                   (signal.SIGTERM, signal.SIGINT))
   try:
-    while step < config.num_steps:
+    while step < config.num_steps and not stop.received:
       batch = global_batch(next(pipe), b_shardings)
       state, m = compiled(state, batch)
       step += 1
@@ -384,16 +405,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         history.append({'step': step, **{k: round(v, 5) for k, v in scalars.items()}})
         window, window_start = [], time.perf_counter()
       if ckpt.should_save(step, last=step == config.num_steps):
-        ckpt.save(step, state, pipe.get_state())
-        if is_main:  # the history so far, for a resumed run to continue
-          summary_path.write_text(json.dumps({'steps': step, 'history': history}, indent=1))
+        save()
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.num_steps:
         result = evaluate(config, graphdef, state, mesh)
         writer.scalars(step, {f'eval/miou_{i + 1}_points': v for i, v in enumerate(result['miou'])})
+    if stop.received and step > saved:
+      save()
   finally:
+    stop.restore()
     bar.close()
-    ckpt.close()
+    ckpt.close()  # waits for the last save
     pipe.close()
+  if stop.received:
+    writer.close()
+    raise Stopped(f'{stop.received} after step {step} of {config.num_steps}; its checkpoint is in '
+                  f'{workdir}: the same command resumes the run', stop.received)
 
   result = evaluate(config, graphdef, state, mesh)
   writer.scalars(step, {f'eval/miou_{i + 1}_points': v for i, v in enumerate(result['miou'])})
