@@ -1,12 +1,12 @@
 """Train SAM: ``python train.py --config=configs/NAME.py[:arg] --workdir=DIR [--config.x=y ...]``.
 
 Resume order: the workdir's latest checkpoint, else ``--config.init_checkpoint`` (any form the
-model registry reads), else from scratch. On one host, SIGTERM or Ctrl-C saves the step under way
-and stops (exit status 128 + the signal: 143, 130). Multi-host, one train.py per host:
-``jax.distributed.initialize()`` runs with ``--distributed`` (JAX finds the cluster: TPU VM pods,
-SLURM, Open MPI, Kubernetes), when the environment names one (SLURM_JOB_ID, TPU_WORKER_HOSTNAMES,
-OMPI_COMM_WORLD_SIZE, or JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID), or
-with ``--coordinator_address --num_processes --process_id``.
+model registry reads), else from scratch. Outside ``jax.distributed``, SIGTERM or Ctrl-C saves the
+step under way and stops (exit status 128 + the signal: 143, 130). Multi-host, one train.py per
+host: ``jax.distributed.initialize()`` runs with ``--distributed`` (JAX finds the cluster: TPU VM
+pods, SLURM, Open MPI, Kubernetes), when the environment names one (SLURM_JOB_ID,
+TPU_WORKER_HOSTNAMES, OMPI_COMM_WORLD_SIZE, or JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and
+JAX_PROCESS_ID), or with ``--coordinator_address --num_processes --process_id``.
 
 Before launching on a pod, check that the config fits, on any machine with the ``tpu`` extra:
 ``python train.py --config=configs/sam_vit_h.py:v5p-128 --compile_only --topology=v5p-128``

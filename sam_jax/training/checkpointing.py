@@ -3,8 +3,8 @@
 Each step directory holds two items: ``state`` (the whole train state: step, trainable params,
 frozen rest, optimizer state, RNG) and ``data`` (the input pipeline's position, JSON). Saves are
 asynchronous (the arrays are copied to host before ``save`` returns, so the next step may donate
-them); a save is also made when the cluster announces a preemption (``reached_preemption``), or,
-on a single host, when the process gets SIGTERM or Ctrl-C (``StopSignals``).
+them); a save is also made when the cluster announces a preemption (``reached_preemption``, under
+``jax.distributed``), or, outside it, when the process gets SIGTERM or Ctrl-C (``StopSignals``).
 ``<workdir>/sam_config.json`` records the model configuration, so ``sam_model_registry[variant](
 checkpoint=workdir)`` loads the latest parameters, on one device, whatever mesh wrote them; so
 does ``load_model(workdir)``, also from gs:// (paths go through ``etils.epath``, as orbax's do).
@@ -86,9 +86,9 @@ class Checkpointer:
 class StopSignals:
   """Catches ``signals`` from its creation until ``restore()``: the first sets ``received`` (its
   name) for the training loop to save the step under way and end; a second one does what it
-  would have done before (SIGINT: KeyboardInterrupt; SIGTERM: the process ends). A single host's
-  preemption notice (a cloud VM's, Kubernetes', Slurm's time limit) is a SIGTERM. Only the main
-  thread can set handlers: elsewhere nothing is caught."""
+  would have done before (SIGINT: KeyboardInterrupt; SIGTERM: the process ends). A cloud VM's or
+  Kubernetes' preemption notice is a SIGTERM. Only the main thread can set handlers: elsewhere
+  nothing is caught."""
 
   def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.received, self._previous = None, {}
