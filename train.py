@@ -1,8 +1,9 @@
 """Train SAM: ``python train.py --config=configs/NAME.py[:arg] --workdir=DIR [--config.x=y ...]``.
 
 Resume order: the workdir's latest checkpoint, else ``--config.init_checkpoint`` (any form the
-model registry reads), else from scratch. Outside ``jax.distributed``, SIGTERM or Ctrl-C saves the
-step under way and stops (exit status 128 + the signal: 143, 130). Multi-host, one train.py per
+model registry reads), else from scratch. A preemption notice (SIGTERM) saves the step under way
+and stops the run, exit status 143 (under ``jax.distributed``: every host, at the step JAX's
+preemption service names); so does Ctrl-C on one host, status 130. Multi-host, one train.py per
 host: ``jax.distributed.initialize()`` runs with ``--distributed`` (JAX finds the cluster: TPU VM
 pods, SLURM, Open MPI, Kubernetes), when the environment names one (SLURM_JOB_ID,
 TPU_WORKER_HOSTNAMES, OMPI_COMM_WORLD_SIZE, or JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and

@@ -318,6 +318,24 @@ def test_sigterm_saves_the_step_under_way_and_resumes_to_the_same_parameters(
   assert_same_tree(state, ref_state)
 
 
+def test_a_preemption_notice_under_jax_distributed_saves_and_stops(env, tmp_path):
+  """Under jax.distributed (one process here, its coordinator on 127.0.0.1) SIGTERM goes to JAX's
+  preemption service, which names the step at which every host saves: the run saves it and stops
+  with the status of SIGTERM (before, it saved and trained on until the end)."""
+  from test_train_multihost import free_port
+  workdir = tmp_path / 'run'
+  p = env.launch(workdir, f'--config.checkpoint_every_steps={10 * STEPS}',
+                 f'--coordinator_address=127.0.0.1:{free_port()}', '--num_processes=1',
+                 '--process_id=0')
+  wait_for(lambda: steps_done(workdir) >= 2, p)
+  p.send_signal(signal.SIGTERM)
+  assert p.wait(timeout=RUN_TIMEOUT) == 128 + signal.SIGTERM, log_path(workdir).read_text()[-3000:]
+  done = committed_steps(workdir)
+  assert len(done) == 1 and 2 <= done[0] < STEPS, done
+  out = log_path(workdir).read_text(errors='replace')
+  assert f'stopped: SIGTERM after step {done[0]} of {STEPS}' in out, out[-3000:]
+
+
 def test_a_second_signal_stops_at_once():
   """The first SIGINT (Ctrl-C) is only noted, for the loop to save and stop; the second one raises
   KeyboardInterrupt as Python's own handler does; the handler is put back afterwards."""

@@ -3,8 +3,9 @@
 Each step directory holds two items: ``state`` (the whole train state: step, trainable params,
 frozen rest, optimizer state, RNG) and ``data`` (the input pipeline's position, JSON). Saves are
 asynchronous (the arrays are copied to host before ``save`` returns, so the next step may donate
-them); a save is also made when the cluster announces a preemption (``reached_preemption``, under
-``jax.distributed``), or, outside it, when the process gets SIGTERM or Ctrl-C (``StopSignals``).
+them). A preemption notice makes the run save its latest step and stop: under ``jax.distributed``
+through JAX's preemption service (``reached_preemption``: every host at the same step), outside it
+on SIGTERM or Ctrl-C (``StopSignals``).
 ``<workdir>/sam_config.json`` records the model configuration, so ``sam_model_registry[variant](
 checkpoint=workdir)`` loads the latest parameters, on one device, whatever mesh wrote them; so
 does ``load_model(workdir)``, also from gs:// (paths go through ``etils.epath``, as orbax's do).
@@ -71,7 +72,12 @@ class Checkpointer:
     return restored['state'], restored['data']
 
   def should_save(self, step: int, last: bool = False) -> bool:
-    return last or step % self.every_steps == 0 or self.manager.reached_preemption(step)
+    return last or step % self.every_steps == 0
+
+  def reached_preemption(self, step: int) -> bool:
+    """Under ``jax.distributed``: True at the step where every host saves after one of them got
+    a preemption notice (SIGTERM, caught by JAX's preemption service). Call it at every step."""
+    return self.manager.reached_preemption(step)
 
   def save(self, step: int, state: Any, data_state: dict[str, Any]) -> None:
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state),

@@ -372,10 +372,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if is_main:  # the history so far, for a resumed run to continue
       summary_path.write_text(json.dumps({'steps': step, 'history': history}, indent=1))
 
-  # One host stops on SIGTERM / Ctrl-C once the step under way is saved; a multi-host job leaves
-  # SIGTERM to JAX's preemption service (ckpt.should_save: every host saves the same step).
-  stop = checkpointing.StopSignals(() if jax.distributed.is_initialized() else
-                                   (signal.SIGTERM, signal.SIGINT))
+  # A preemption notice or Ctrl-C: save the step under way and stop. Under jax.distributed
+  # SIGTERM goes to JAX's preemption service, which names one step for every host to stop at.
+  distributed = jax.distributed.is_initialized()
+  stop = checkpointing.StopSignals(() if distributed else (signal.SIGTERM, signal.SIGINT))
   try:
     while step < config.num_steps and not stop.received:
       batch = global_batch(next(pipe), b_shardings)
@@ -404,9 +404,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         iou=f'{scalars["round_00/iou_confident"]:.3f}')
         history.append({'step': step, **{k: round(v, 5) for k, v in scalars.items()}})
         window, window_start = [], time.perf_counter()
+      if distributed and ckpt.reached_preemption(step):
+        stop.received = 'SIGTERM'
       if ckpt.should_save(step, last=step == config.num_steps):
         save()
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.num_steps:
+      if (config.eval_every_steps and step % config.eval_every_steps == 0
+          and step < config.num_steps and not stop.received):
         result = evaluate(config, graphdef, state, mesh)
         writer.scalars(step, {f'eval/miou_{i + 1}_points': v for i, v in enumerate(result['miou'])})
     if stop.received and step > saved:
