@@ -294,6 +294,23 @@ def test_killed_during_an_async_save_resumes_from_the_last_complete_checkpoint(
   assert_same_tree(state, ref_state)
 
 
+RARE_SAVES = f'--config.checkpoint_every_steps={10 * STEPS}'  # only the last step's is due
+
+
+def stop_with_sigterm(env, workdir: Path, *flags: str) -> int:
+  """Runs train.py (no save due before the end), sends SIGTERM after step 2 and checks that it
+  saved one step before the last and exited with SIGTERM's status; returns that step."""
+  p = env.launch(workdir, RARE_SAVES, *flags)
+  wait_for(lambda: steps_done(workdir) >= 2, p)
+  p.send_signal(signal.SIGTERM)
+  assert p.wait(timeout=RUN_TIMEOUT) == 128 + signal.SIGTERM, log_path(workdir).read_text()[-3000:]
+  done = committed_steps(workdir)
+  assert len(done) == 1 and 2 <= done[0] < STEPS, done
+  out = log_path(workdir).read_text(errors='replace')
+  assert f'stopped: SIGTERM after step {done[0]} of {STEPS}' in out, out[-3000:]
+  return done[0]
+
+
 def test_sigterm_saves_the_step_under_way_and_resumes_to_the_same_parameters(
     env, reference, tmp_path):
   """A single host's preemption notice (SIGTERM): train.py saves the step under way, though no
@@ -301,18 +318,10 @@ def test_sigterm_saves_the_step_under_way_and_resumes_to_the_same_parameters(
   uninterrupted run's parameters."""
   _, ref_state = reference
   workdir = tmp_path / 'run'
-  rarely = f'--config.checkpoint_every_steps={10 * STEPS}'  # only the last step's save is due
-  p = env.launch(workdir, rarely)
-  wait_for(lambda: steps_done(workdir) >= 2, p)
-  p.send_signal(signal.SIGTERM)
-  assert p.wait(timeout=RUN_TIMEOUT) == 128 + signal.SIGTERM
-  done = committed_steps(workdir)
-  assert len(done) == 1 and 2 <= done[0] < STEPS, done
-  out = log_path(workdir).read_text(errors='replace')
-  assert f'stopped: SIGTERM after step {done[0]} of {STEPS}' in out, out[-3000:]
-  rc, out = env.train(workdir, rarely)
+  saved = stop_with_sigterm(env, workdir)
+  rc, out = env.train(workdir, RARE_SAVES)
   assert rc == 0, out[-3000:]
-  assert re.search(rf'resumed from \S+ at step {done[0]}\b', out), out[-3000:]
+  assert re.search(rf'resumed from \S+ at step {saved}\b', out), out[-3000:]
   step, state = read_state(workdir)
   assert step == STEPS
   assert_same_tree(state, ref_state)
@@ -323,17 +332,8 @@ def test_a_preemption_notice_under_jax_distributed_saves_and_stops(env, tmp_path
   preemption service, which names the step at which every host saves: the run saves it and stops
   with the status of SIGTERM (before, it saved and trained on until the end)."""
   from test_train_multihost import free_port
-  workdir = tmp_path / 'run'
-  p = env.launch(workdir, f'--config.checkpoint_every_steps={10 * STEPS}',
-                 f'--coordinator_address=127.0.0.1:{free_port()}', '--num_processes=1',
-                 '--process_id=0')
-  wait_for(lambda: steps_done(workdir) >= 2, p)
-  p.send_signal(signal.SIGTERM)
-  assert p.wait(timeout=RUN_TIMEOUT) == 128 + signal.SIGTERM, log_path(workdir).read_text()[-3000:]
-  done = committed_steps(workdir)
-  assert len(done) == 1 and 2 <= done[0] < STEPS, done
-  out = log_path(workdir).read_text(errors='replace')
-  assert f'stopped: SIGTERM after step {done[0]} of {STEPS}' in out, out[-3000:]
+  stop_with_sigterm(env, tmp_path / 'run', f'--coordinator_address=127.0.0.1:{free_port()}',
+                    '--num_processes=1', '--process_id=0')
 
 
 def test_a_second_signal_stops_at_once():
